@@ -1,0 +1,16 @@
+"""Layers whose backward pass is a hand-derived `jax.custom_vjp` rule.
+
+Layout as in Flax: activations `(batch, *spatial, channels)`, conv kernels
+`(*kernel_spatial, in_channels // groups, out_channels)`, dense weights `(in, out)`.
+"""
+from jaxbp.layers.activations import leaky_relu, relu, sigmoid, softmax, tanh
+from jaxbp.layers.conv import conv, conv1d, conv2d, conv3d
+from jaxbp.layers.dense import dense, flatten
+from jaxbp.layers.pooling import avg_pool, channel_max, max_pool
+
+__all__ = [
+    "conv", "conv1d", "conv2d", "conv3d",
+    "max_pool", "avg_pool", "channel_max",
+    "dense", "flatten",
+    "sigmoid", "tanh", "relu", "leaky_relu", "softmax",
+]

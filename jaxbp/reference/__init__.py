@@ -1,0 +1,18 @@
+"""Plain twins of `jaxbp.layers` and `jaxbp.losses`: same signatures, no custom rule.
+
+JAX differentiates these itself, so `jax.grad` through them is the oracle every
+hand-derived rule is checked against.
+"""
+from jaxbp.reference.activations import leaky_relu, relu, sigmoid, softmax, tanh
+from jaxbp.reference.conv import conv, conv1d, conv2d, conv3d
+from jaxbp.reference.dense import dense, flatten
+from jaxbp.reference.losses import quadratic, softmax_cross_entropy
+from jaxbp.reference.pooling import avg_pool, channel_max, max_pool
+
+__all__ = [
+    "conv", "conv1d", "conv2d", "conv3d",
+    "max_pool", "avg_pool", "channel_max",
+    "dense", "flatten",
+    "sigmoid", "tanh", "relu", "leaky_relu", "softmax",
+    "quadratic", "softmax_cross_entropy",
+]
