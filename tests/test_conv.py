@@ -1,0 +1,317 @@
+"""The hand-derived convolution backward (jaxbp.layers.conv) against jax.grad of its plain twin."""
+import functools
+import importlib
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from tests.gradcheck import assert_matches_reference, random_inputs
+
+hand = importlib.import_module("jaxbp.layers.conv")
+plain = importlib.import_module("jaxbp.reference.conv")
+
+
+# ---------------------------------------------------------------- generated grid
+
+CHANNELS = [  # (groups, in_ch, out_ch)
+    (1, 1, 1), (1, 1, 3), (1, 3, 1), (1, 2, 3), (2, 2, 2), (2, 4, 6), (3, 3, 6), (2, 6, 4)]
+
+
+def _case(rng, rank, stride, padding_kind, dilation):
+    kernel = tuple(rng.choice((1, 2, 3)) for _ in range(rank))
+    windows = [(k - 1) * dilation + 1 for k in kernel]
+    if padding_kind == "pairs":
+        # axis 0 asymmetric; a low pad of up to 3 may exceed the window (negative bwd padding)
+        padding = tuple((rng.randint(0, 3), rng.randint(0, 2)) for _ in range(rank))
+        padding = ((padding[0][0], padding[0][0] + 1),) + padding[1:]
+    else:
+        padding = padding_kind
+    spatial = tuple(w + rng.randint(0, 4) for w in windows)
+    groups, in_ch, out_ch = rng.choice(CHANNELS)
+    return dict(batch=rng.choice((1, 2)), spatial=spatial, kernel=kernel, in_ch=in_ch,
+                out_ch=out_ch, bias=rng.random() < 0.6,
+                kwargs=dict(stride=stride, padding=padding, dilation=dilation, groups=groups))
+
+
+def _grid():
+    """Every rank x stride x padding kind; dilation 1 and 2 for ranks 1, 2, either for rank 3."""
+    rng = random.Random(0)
+    return [_case(rng, rank, stride, padding_kind, dilation)
+            for rank in (1, 2, 3) for stride in (1, 2, 3)
+            for padding_kind in ("VALID", "SAME", "pairs")
+            for dilation in ((1, 2) if rank < 3 else (rng.choice((1, 2)),))]
+
+
+GRID = _grid()
+
+
+def _case_id(case):
+    kw = case["kwargs"]
+    pad = kw["padding"] if isinstance(kw["padding"], str) else "P" + "".join(
+        f"{lo}{hi}" for lo, hi in kw["padding"])
+    return (f"n{case['batch']}-x{'x'.join(map(str, case['spatial']))}"
+            f"-k{'x'.join(map(str, case['kernel']))}-c{case['in_ch']}to{case['out_ch']}"
+            f"-s{kw['stride']}-{pad}-d{kw['dilation']}-g{kw['groups']}"
+            f"{'-bias' if case['bias'] else ''}")
+
+
+def _unreached_rows(case):
+    """Per axis, how many high rows of the padded input the stride never reaches."""
+    kw = case["kwargs"]
+    pads = plain.conv_geometry("conv", None, np.zeros((1, *case["spatial"], 1)),
+                               np.zeros((*case["kernel"], 1, 1)), None, **{**kw, "groups": 1}).pads
+    return [(n + lo + hi - (k - 1) * kw["dilation"] - 1) % kw["stride"]
+            for n, k, (lo, hi) in zip(case["spatial"], case["kernel"], pads)]
+
+
+def test_grid_covers_the_required_features():
+    def having(pred):
+        return sum(1 for c in GRID if pred(c))
+
+    assert 40 <= len(GRID) <= 80
+    assert having(lambda c: c["batch"] == 1) and having(lambda c: c["batch"] > 1)
+    assert having(lambda c: c["in_ch"] == 1) and having(lambda c: c["out_ch"] == 1)
+    assert having(lambda c: c["kwargs"]["groups"] > 1) >= 9
+    assert having(lambda c: c["bias"]) and having(lambda c: not c["bias"])
+    assert having(lambda c: any(_unreached_rows(c))) >= 10, "strides not dividing the size"
+    assert having(lambda c: any(n % 2 for n in c["spatial"]))
+    assert having(lambda c: not isinstance(c["kwargs"]["padding"], str) and any(
+        lo > (k - 1) * c["kwargs"]["dilation"]
+        for (lo, _), k in zip(c["kwargs"]["padding"], c["kernel"]))), "pad wider than window"
+
+
+def _grid_params():
+    """Every case in float64; every fourth also in float32 (compile time is the budget)."""
+    params = []
+    for i, case in enumerate(GRID):
+        params.append(pytest.param(i, case, jnp.float64, id=_case_id(case) + "-f64"))
+        if i % 4 == 0:
+            params.append(pytest.param(i, case, jnp.float32, id=_case_id(case) + "-f32"))
+    return params
+
+
+@pytest.mark.parametrize("seed,case,dtype", _grid_params())
+def test_gradients_match_reference(seed, case, dtype):
+    w_shape = (*case["kernel"], case["in_ch"] // case["kwargs"]["groups"], case["out_ch"])
+    shapes = [(case["batch"], *case["spatial"], case["in_ch"]), w_shape, (case["out_ch"],)]
+    x, w, b = random_inputs(seed, shapes, dtype)
+    args, argnums = ((x, w, b), (0, 1, 2)) if case["bias"] else ((x, w), (0, 1))
+    assert_matches_reference(functools.partial(hand.conv, **case["kwargs"]),
+                             functools.partial(plain.conv, **case["kwargs"]), args, argnums)
+
+
+# ---------------------------------------------------------------- worked examples from the seeds
+
+def _vjp(fn, args, cotangent):
+    out, pullback = jax.vjp(fn, *args)
+    return out, pullback(jnp.asarray(cotangent, out.dtype))
+
+
+def test_seed_004_kernel_gradient_entry_by_entry():
+    """3x3 input V, 2x2 kernel W, output G: dE/dW1 = dG1 V1 + dG2 V2 + dG3 V4 + dG4 V5, etc."""
+    V1, V2, V3, V4, V5, V6, V7, V8, V9 = 1, 2, 3, 4, 5, 6, 7, 8, 9
+    W1, W2, W3, W4 = 2, -1, 0, 3
+    dG1, dG2, dG3, dG4 = 1, -2, 3, 1
+    x = jnp.asarray([[V1, V2, V3], [V4, V5, V6], [V7, V8, V9]], jnp.float64).reshape(1, 3, 3, 1)
+    w = jnp.asarray([[W1, W2], [W3, W4]], jnp.float64).reshape(2, 2, 1, 1)
+    b = jnp.asarray([0.5])
+    dG = np.reshape([[dG1, dG2], [dG3, dG4]], (1, 2, 2, 1))
+    G, (_, dW, db) = _vjp(hand.conv2d, (x, w, b), dG)
+
+    assert G.ravel().tolist() == [V1 * W1 + V2 * W2 + V4 * W3 + V5 * W4 + 0.5,
+                                  V2 * W1 + V3 * W2 + V5 * W3 + V6 * W4 + 0.5,
+                                  V4 * W1 + V5 * W2 + V7 * W3 + V8 * W4 + 0.5,
+                                  V5 * W1 + V6 * W2 + V8 * W3 + V9 * W4 + 0.5]
+    dW1 = dG1 * V1 + dG2 * V2 + dG3 * V4 + dG4 * V5
+    dW2 = dG1 * V2 + dG2 * V3 + dG3 * V5 + dG4 * V6
+    dW3 = dG1 * V4 + dG2 * V5 + dG3 * V7 + dG4 * V8
+    dW4 = dG1 * V5 + dG2 * V6 + dG3 * V8 + dG4 * V9
+    assert (dW1, dW2, dW3, dW4) == (14, 17, 23, 26)
+    assert dW.reshape(2, 2).tolist() == [[dW1, dW2], [dW3, dW4]]
+    assert db.tolist() == [dG1 + dG2 + dG3 + dG4]
+
+
+def _numpy_input_delta(delta, kernel, stride, in_shape):
+    """Seed 003, independently in numpy: spread the delta by the stride, zero-pad it by k - 1 all
+    round and slide the 180-degree-rotated kernel over it; input rows past the last window
+    stay 0."""
+    spread = np.zeros([(n - 1) * stride + 1 for n in delta.shape])
+    spread[::stride, ::stride] = delta
+    kh, kw = kernel.shape
+    padded = np.pad(spread, ((kh - 1, kh - 1), (kw - 1, kw - 1)))
+    rotated = kernel[::-1, ::-1]
+    full = np.zeros((padded.shape[0] - kh + 1, padded.shape[1] - kw + 1))
+    for i in range(full.shape[0]):
+        for j in range(full.shape[1]):
+            full[i, j] = np.sum(padded[i:i + kh, j:j + kw] * rotated)
+    result = np.zeros(in_shape)
+    result[:full.shape[0], :full.shape[1]] = full
+    return result
+
+
+KERNEL_2x3 = np.array([[1, -2, 3], [0, 4, -1]])
+
+
+@pytest.mark.parametrize("in_shape,stride", [((4, 5), 1), ((5, 6), 1), ((7, 8), 2), ((7, 9), 3)])
+def test_seed_003_input_delta_is_full_correlation_with_rotated_kernel(in_shape, stride):
+    out_shape = [(n - k) // stride + 1 for n, k in zip(in_shape, KERNEL_2x3.shape)]
+    delta = np.random.default_rng(stride).integers(-5, 6, size=out_shape)
+    x = jnp.ones((1, *in_shape, 1), jnp.float64)
+    w = jnp.asarray(KERNEL_2x3, jnp.float64).reshape(2, 3, 1, 1)
+    _, (dx, _) = _vjp(functools.partial(hand.conv2d, stride=stride), (x, w),
+                      delta.reshape(1, *out_shape, 1))
+    dx = np.asarray(dx).reshape(in_shape)
+    np.testing.assert_array_equal(dx, _numpy_input_delta(delta, KERNEL_2x3, stride, in_shape))
+    reached = [(o - 1) * stride + k for o, k in zip(out_shape, KERNEL_2x3.shape)]
+    assert not np.any(dx[reached[0]:]) and not np.any(dx[:, reached[1]:])
+
+
+def test_seed_000_one_dimensional_delta_is_sum_of_shifted_weighted_deltas():
+    """delta(l-1)_i = sum_a delta(l)_{i-a} w_a, i.e. numpy's (flipping) full convolution."""
+    w, delta = np.array([2, -1, 3]), np.array([1, 4, -2, 5, 3])
+    kernel = jnp.asarray(w, jnp.float64).reshape(3, 1, 1)
+    _, (dx, _) = _vjp(hand.conv1d, (jnp.ones((1, 7, 1)), kernel), delta.reshape(1, 5, 1))
+    by_sum = [sum(delta[i - a] * w[a] for a in range(3) if 0 <= i - a < 5) for i in range(7)]
+    assert dx.ravel().tolist() == by_sum == np.convolve(delta, w).tolist()
+
+
+def test_seed_003_depth_question_gradient_per_input_channel():
+    """An input of depth 3 and two kernels of depth 3: each input channel gets the sum over the
+    output channels of the full correlation of that output's delta with its own kernel slice."""
+    rng = np.random.default_rng(3)
+    w = rng.integers(-3, 4, size=(2, 3, 3, 2))
+    delta = rng.integers(-3, 4, size=(1, 4, 3, 2))
+    x = jnp.ones((1, 5, 5, 3), jnp.float64)
+    _, (dx, _) = _vjp(hand.conv2d, (x, jnp.asarray(w, jnp.float64)), delta)
+    for c in range(3):
+        expected = sum(_numpy_input_delta(delta[0, :, :, o], w[:, :, c, o], 1, (5, 5))
+                       for o in range(2))
+        np.testing.assert_array_equal(np.asarray(dx[0, :, :, c]), expected)
+
+
+# ---------------------------------------------------------------- the hand rule is what runs
+
+STRIDED = dict(stride=(2, 1), padding=((1, 0), (0, 2)), dilation=(1, 2), groups=2)
+
+
+def _strided_args(dtype=jnp.float64, batch=2):
+    return random_inputs(7, [(batch, 6, 5, 4), (2, 2, 2, 6), (6,)], dtype)
+
+
+def test_forward_is_a_custom_vjp_call():
+    jaxpr = jax.make_jaxpr(functools.partial(hand.conv, **STRIDED))(*_strided_args())
+    assert "custom_vjp_call" in str(jaxpr)
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(functools.partial(plain.conv, **STRIDED))(
+        *_strided_args()))
+
+
+def test_residuals_are_x_and_w_only():
+    x, w, b = _strided_args()
+    geometry = plain.conv_geometry("conv", None, x, w, b, **STRIDED)
+    _, residuals = hand._conv_fwd(x, w, b, geometry, True)
+    assert len(residuals) == 2 and residuals[0] is x and residuals[1] is w
+
+
+@pytest.mark.parametrize("name,argnum", [("_input_delta", 0), ("_kernel_grad", 1),
+                                         ("_bias_grad", 2)])
+def test_a_broken_rule_fails_the_comparison(monkeypatch, name, argnum):
+    honest = getattr(hand, name)
+    monkeypatch.setattr(hand, name, lambda *args: 1.01 * honest(*args))
+    with pytest.raises(AssertionError, match=f"gradient of argument {argnum}"):
+        assert_matches_reference(functools.partial(hand.conv, **STRIDED),
+                                 functools.partial(plain.conv, **STRIDED), _strided_args(),
+                                 (0, 1, 2))
+
+
+# ---------------------------------------------------------------- transformations
+
+def test_jit():
+    assert_matches_reference(jax.jit(functools.partial(hand.conv, **STRIDED)),
+                             functools.partial(plain.conv, **STRIDED), _strided_args(), (0, 1, 2))
+
+
+@pytest.mark.parametrize("in_axes", [(0, None, None), (0, 0, 0)], ids=["x", "x-w-b"])
+def test_grad_of_vmap(in_axes):
+    """vmap over a leading axis of x (and of the kernel and bias, one per example)."""
+    x, w, b = _strided_args(batch=1)
+    x, w, b = [jnp.stack([a, 2 * a - 1]) if ax == 0 else a for a, ax in zip((x, w, b), in_axes)]
+    assert_matches_reference(jax.vmap(functools.partial(hand.conv, **STRIDED), in_axes),
+                             jax.vmap(functools.partial(plain.conv, **STRIDED), in_axes),
+                             (x, w, b), (0, 1, 2))
+
+
+@pytest.mark.parametrize("wrt", [0, 1], ids=["dx", "dw"])
+def test_grad_of_grad(wrt):
+    """Differentiates the hand backward itself: <d/d(x or w) sum tanh(conv), c> w.r.t. x, w, b."""
+    def first_grad(conv_fn):
+        def fn(x, w, b):
+            loss = lambda *a: jnp.sum(jnp.tanh(conv_fn(*a, **STRIDED)))
+            return jax.grad(loss, argnums=wrt)(x, w, b)
+        return fn
+
+    assert_matches_reference(first_grad(hand.conv), first_grad(plain.conv), _strided_args(),
+                             (0, 1, 2))
+
+
+@pytest.mark.parametrize("shapes,kwargs", [
+    ([(2, 7, 2), (3, 2, 2), (2,)], dict(stride=3, padding=((2, 1),), dilation=2)),
+    ([(1, 5, 4, 4), (2, 2, 2, 4), (4,)], dict(stride=2, padding="SAME", groups=2)),
+    ([(1, 4, 3, 5, 1), (2, 1, 2, 1, 2), (2,)], dict(stride=(1, 2, 2), padding=((0, 1),) * 3)),
+], ids=["1d", "2d", "3d"])
+def test_finite_differences_orders_1_and_2(shapes, kwargs):
+    check_grads(jax.jit(functools.partial(hand.conv, **kwargs)),
+                tuple(random_inputs(11, shapes, jnp.float64)), order=2, modes=["rev"])
+
+
+# ---------------------------------------------------------------- fixed-rank wrappers
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_fixed_rank_wrappers(rank):
+    fixed = getattr(hand, f"conv{rank}d")
+    x, w = random_inputs(rank, [(2,) + (4,) * rank + (2,), (2,) * rank + (2, 3)], jnp.float64)
+    np.testing.assert_array_equal(fixed(x, w, stride=2), hand.conv(x, w, stride=2))
+    assert_matches_reference(fixed, getattr(plain, f"conv{rank}d"), (x, w), (0, 1))
+    other = jnp.zeros((2,) + (4,) * (rank % 3 + 1) + (2,))
+    for module in (hand, plain):
+        with pytest.raises(ValueError, match=rf"^conv{rank}d: .*{rank} to {rank} spatial axes"):
+            getattr(module, f"conv{rank}d")(other, w)
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD = [  # (x shape, w shape, b shape or None, kwargs, message fragment)
+    ((3, 4), (2, 4, 1), None, {}, r"1 to 3 spatial axes, got shape \(3, 4\)"),
+    ((1, 2, 2, 2, 2, 1), (1, 1, 1, 1, 1, 1), None, {}, r"1 to 3 spatial axes"),
+    ((1, 5, 2), (2, 2), None, {}, r"kernel of shape .* 1 spatial axes .* got shape \(2, 2\)"),
+    ((1, 5, 5, 2), (2, 2, 2), None, {}, r"with 2 spatial axes for x of shape \(1, 5, 5, 2\)"),
+    ((1, 5, 3), (2, 4, 1), None, {}, r"expects 4 input channels .* x of shape \(1, 5, 3\) has 3"),
+    ((1, 5, 4), (2, 2, 1), None, {}, r"expects 2 input channels"),
+    ((1, 5, 4), (2, 2, 3), None, dict(groups=2), r"groups=2 must divide .* output channels \(3\)"),
+    ((1, 5, 3), (2, 1, 4), None, dict(groups=2), r"groups=2 must divide .* input channels \(3\)"),
+    ((1, 5, 4), (2, 4, 1), None, dict(groups=0), r"groups must be an int >= 1, got 0"),
+    ((1, 5, 4), (2, 2, 2), None, dict(groups=2.0), r"groups must be an int >= 1, got 2.0"),
+    ((1, 5, 2), (2, 2, 4), (3,), {}, r"bias of shape \(4,\) .* got \(3,\)"),
+    ((1, 5, 2), (2, 2, 4), (1, 4), {}, r"bias of shape \(4,\) .* got \(1, 4\)"),
+    ((1, 5, 2), (0, 2, 4), None, {}, r"kernel spatial sizes must be >= 1"),
+    ((1, 3, 1), (5, 1, 1), None, {}, r"window of size \(5,\) .* spatial size \(3,\)"),
+    ((1, 3, 1), (2, 1, 1), None, dict(dilation=3), r"window of size \(4,\) \(after dilation\)"),
+    ((1, 5, 1), (2, 1, 1), None, dict(stride=0), r"stride must be >= 1"),
+    ((1, 5, 1), (2, 1, 1), None, dict(dilation=-1), r"dilation must be >= 1"),
+    ((1, 5, 5, 1), (2, 2, 1, 1), None, dict(stride=(1, 2, 1)), r"stride must be .* tuple of 2"),
+    ((1, 5, 1), (2, 1, 1), None, dict(padding="FULL"), r"padding must be .*got 'FULL'"),
+    ((1, 5, 5, 1), (2, 2, 1, 1), None, dict(padding=((1, 1),)), r"padding must be .* 2 \(low"),
+    ((1, 5, 1), (2, 1, 1), None, dict(padding=((-1, 0),)), r"pairs of ints >= 0"),
+]
+
+
+@pytest.mark.parametrize("module", [hand, plain], ids=["hand", "reference"])
+@pytest.mark.parametrize("x_shape,w_shape,b_shape,kwargs,message", BAD,
+                         ids=[str(i) for i in range(len(BAD))])
+def test_bad_input_is_rejected_before_xla(module, x_shape, w_shape, b_shape, kwargs, message):
+    b = None if b_shape is None else np.zeros(b_shape)
+    with pytest.raises(ValueError, match=rf"^conv: .*{message}"):
+        module.conv(np.zeros(x_shape), np.zeros(w_shape), b, **kwargs)
