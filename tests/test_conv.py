@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from tests.gradcheck import assert_matches_reference, random_inputs
+from gradcheck import assert_matches_reference, random_inputs
 
 hand = importlib.import_module("jaxbp.layers.conv")
 plain = importlib.import_module("jaxbp.reference.conv")
