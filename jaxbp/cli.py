@@ -1,0 +1,139 @@
+"""The `jaxbp` command (also `python -m jaxbp`).
+
+    jaxbp train CONFIG [--set KEY=VALUE]... [--out DIR] [--resume]
+    jaxbp eval CONFIG --checkpoint DIR [--set KEY=VALUE]...
+    jaxbp check CONFIG [--set KEY=VALUE]... [--out DIR]
+    jaxbp data prepare NAME [--set data.KEY=VALUE]...
+
+DIR defaults to runs/<config file name without extension>.
+
+Exit codes: 0 success; 1 `check` found a gradient that disagrees with jax.grad;
+2 unusable input (bad option, config, data, model shapes, or a run folder that
+holds another run), reported as one line "jaxbp: error: ..." on stderr, with
+nothing in DIR touched; 3 training diverged (NaN or infinite loss), the last good
+checkpoint kept; 130 interrupted by Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from jaxbp import data
+from jaxbp.check import run_check
+from jaxbp.checkpoint import CHECKPOINT_DIR
+from jaxbp.config import SCHEMA, ConfigError, apply_override, load_config
+from jaxbp.data import DataError
+from jaxbp.train import NonFiniteLoss, RunError, evaluate_checkpoint, train
+
+EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def default_out(config_path: str) -> str:
+    return os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="YAML experiment config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config value, e.g. optimizer.learning_rate=0.05 "
+                             "(repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxbp", description="Train and check CNNs whose backward passes are derived by hand.",
+        epilog="Exit codes: 0 ok, 1 gradient check failed, 2 bad input, 3 training diverged.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a config's network")
+    _add_config(train)
+    train.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config stem>)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in DIR")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="test accuracy of a run's newest checkpoint")
+    _add_config(evaluate)
+    evaluate.add_argument("--checkpoint", metavar="DIR", required=True,
+                          help="run folder (or its checkpoints/ folder)")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    check = commands.add_parser(
+        "check", help="every parameter's hand-derived gradient against jax.grad",
+        description="Runs in float64 unless --set train.precision=float32.")
+    _add_config(check)
+    check.add_argument("--out", metavar="DIR", help="where check.json goes "
+                                                    "(default: runs/<config stem>)")
+    check.set_defaults(handler=cmd_check)
+
+    data_parser = commands.add_parser("data", help="data set commands")
+    data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    prepare = data_commands.add_parser("prepare", help="prepare a data set once")
+    prepare.add_argument("name", metavar="NAME")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="data.KEY=VALUE", help="e.g. data.dir=/path/to/idx/files")
+    prepare.set_defaults(handler=cmd_data_prepare)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, args.out or default_out(args.config), resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    run_dir = os.path.normpath(args.checkpoint)
+    if os.path.basename(run_dir) == CHECKPOINT_DIR:
+        run_dir = os.path.dirname(run_dir)
+    print(json.dumps(evaluate_checkpoint(cfg, run_dir)))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    # Prepended, so that a --set train.precision=float32 given by the user wins.
+    cfg = load_config(args.config, ["train.precision=float64", *args.overrides])
+    result = run_check(cfg, args.out or default_out(args.config))
+    return 0 if result["ok"] else EXIT_CHECK_FAILED
+
+
+def data_config(name: str, overrides: Sequence[str]) -> dict:
+    """The validated `data` section for data set `name` with `data.*` overrides."""
+    raw = {"data": {"name": name}}
+    for override in overrides:
+        if not override.strip().startswith("data."):
+            raise ConfigError(f"--set: `data prepare` only takes data.* keys, got {override!r}")
+        apply_override(raw, override)
+    return SCHEMA["data"].check.fn("data", raw["data"])
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    print(data.prepare(data_config(args.name, args.overrides)))
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one command; returns the exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError, RunError, OSError) as exc:
+        print(f"jaxbp: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLoss as exc:
+        print(f"jaxbp: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("jaxbp: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,223 @@
+"""End-to-end training through the CLI on tiny idx fixtures: reports, checkpoints, resume, NaN.
+
+Runs go through `jaxbp.cli.main` in-process, except one `python3 -m jaxbp` that
+is killed with SIGKILL mid-run and then resumed. Module-scoped fixtures share
+the few uninterrupted runs the tests compare against.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from idx_fixtures import write_idx_dataset
+from jaxbp import checkpoint, report
+from jaxbp.cli import main
+from jaxbp.config import load_config
+from jaxbp.train import build, use_precision
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# 28x28 -> conv 4@5x5 -> 24x24 -> pool -> 12x12 -> conv 8@5x5 -> 8x8 -> pool -> 4x4x8 -> 10.
+TINY_MODEL = {"layers": [
+    {"type": "conv", "features": 4, "kernel": 5},
+    {"type": "relu"},
+    {"type": "max_pool", "window": 2},
+    {"type": "conv", "features": 8, "kernel": 5},
+    {"type": "relu"},
+    {"type": "max_pool", "window": 2},
+    {"type": "flatten"},
+    {"type": "dense", "features": 10},
+]}
+
+
+def write_config(path, idx_dir: str, cache_dir: str, epochs: int = 1) -> str:
+    """A tiny LeNet-like config on the idx fixture; constant learning rate, so a run's
+    first epochs do not depend on its length."""
+    cfg = {"model": TINY_MODEL, "loss": "softmax_cross_entropy",
+           "optimizer": {"name": "momentum", "learning_rate": 0.05},
+           "data": {"name": "mnist", "batch_size": 32, "dir": idx_dir, "data_dir": cache_dir},
+           "train": {"epochs": epochs, "seed": 0}}
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory) -> str:
+    """tiny.yaml (1 epoch) on 512 train / 256 test fixture images."""
+    root = tmp_path_factory.mktemp("tiny")
+    idx = write_idx_dataset(root / "idx", n_train=512, n_test=256)
+    return write_config(root / "tiny.yaml", str(idx), str(root / "cache"))
+
+
+def run_cli(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(config_path, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("runs") / "one")
+    assert run_cli("train", config_path, "--out", out) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(config_path, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("runs") / "two")
+    assert run_cli("train", config_path, "--out", out, "--set", "train.epochs=2") == 0
+    return out
+
+
+def copy_run(run_dir: str, tmp_path) -> str:
+    dest = str(tmp_path / os.path.basename(run_dir))
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def final_params(run_dir: str, config: str):
+    """The newest checkpoint's parameters, restored into the config's model structure."""
+    cfg = load_config(config)
+    model, dtype = build(cfg), use_precision(cfg["train"]["precision"])
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dtype=dtype))
+    return checkpoint.restore(run_dir, checkpoint.latest_epoch(run_dir), abstract).params
+
+
+def assert_same_params(run_a: str, run_b: str, config: str) -> None:
+    a, b = final_params(run_a, config), final_params(run_b, config)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)), \
+            "parameters differ"
+
+
+def learning_metrics(run_dir: str) -> list[tuple]:
+    """Per-epoch losses and accuracies (not the timings) from metrics.jsonl."""
+    keys = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+    return [tuple(r[k] for k in keys) for r in report.read_metrics(run_dir)]
+
+
+@pytest.mark.slow
+def test_one_epoch_writes_reports_and_checkpoint(one_epoch_run, config_path):
+    summary = json.load(open(os.path.join(one_epoch_run, report.SUMMARY_FILE)))
+    assert summary["epochs"] == 1 and summary["steps"] == 512 // 32
+    assert summary["test_accuracy"] > 0.5, "10 classes: chance is 0.1"
+    assert summary["test_loss"] > 0 and summary["train_time_s"] > 0
+    assert summary["images_per_second"] > 0
+
+    (record,) = report.read_metrics(one_epoch_run)
+    assert set(record) == set(report.METRIC_KEYS) and record["epoch"] == 1
+    assert record["test_accuracy"] == summary["test_accuracy"]
+
+    with open(os.path.join(one_epoch_run, report.CONFIG_FILE)) as f:
+        assert yaml.safe_load(f) == load_config(config_path)
+    with open(os.path.join(one_epoch_run, report.CURVES_FILE), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert checkpoint.latest_epoch(one_epoch_run) == 1
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(one_epoch_run, two_epoch_run, config_path, tmp_path,
+                                          capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    resumed = copy_run(one_epoch_run, tmp_path)
+    assert run_cli("train", config_path, "--out", resumed, "--resume",
+                   "--set", "train.epochs=2") == 0
+    out, err = capsys.readouterr()
+    assert "optimizer:" in out and "learning_rate: 0.05" in out, "the resolved config"
+    assert "total parameters: 2,202" in out, "the model summary"
+    assert "resuming from the checkpoint of epoch 1" in out
+    assert "train.epochs: 1 -> 2" in out
+    assert "epoch 2/2: train loss" in out
+    assert "img/s" in err and "loss=" in err, "the progress bar ran on a (fake) terminal"
+    assert checkpoint.latest_epoch(resumed) == 2
+    assert_same_params(resumed, two_epoch_run, config_path)
+    assert learning_metrics(resumed) == learning_metrics(two_epoch_run)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume(two_epoch_run, config_path, tmp_path):
+    """`python3 -m jaxbp` killed -9 after epoch 1's checkpoint, resumed: same parameters."""
+    out = str(tmp_path / "killed")
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxbp", "train", config_path, "--out", out,
+         "--set", "train.epochs=2"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    first = os.path.join(checkpoint.checkpoint_dir(out), "1")
+    deadline = time.monotonic() + 120
+    while not os.path.isdir(first) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert alive, "the run ended before it could be killed: " + open(tmp_path / "log.txt").read()
+    assert checkpoint.latest_epoch(out) == 1, "killed before epoch 2's checkpoint"
+
+    assert run_cli("train", config_path, "--out", out, "--resume",
+                   "--set", "train.epochs=2") == 0
+    assert_same_params(out, two_epoch_run, config_path)
+    assert learning_metrics(out) == learning_metrics(two_epoch_run)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(one_epoch_run, config_path, tmp_path,
+                                                       capsys):
+    run = copy_run(one_epoch_run, tmp_path)
+    metrics_before = open(os.path.join(run, report.METRICS_FILE)).read()
+    code = run_cli("train", config_path, "--out", run, "--resume",
+                   "--set", "train.epochs=2", "--set", "optimizer.learning_rate=1e30")
+    err = capsys.readouterr().err
+    assert code == 3
+    assert err.startswith("jaxbp: error: training diverged in epoch 2") and err.count("\n") == 1
+    assert "last good checkpoint (epoch 1)" in err and "Traceback" not in err
+    assert checkpoint.latest_epoch(run) == 1
+    assert open(os.path.join(run, report.METRICS_FILE)).read() == metrics_before
+    assert_same_params(run, one_epoch_run, config_path)
+
+
+@pytest.mark.slow
+def test_refuses_a_run_dir_with_checkpoints_without_resume(one_epoch_run, config_path, tmp_path,
+                                                           capsys):
+    run = copy_run(one_epoch_run, tmp_path)
+    before = {name: os.path.getmtime(os.path.join(run, name)) for name in os.listdir(run)}
+    assert run_cli("train", config_path, "--out", run) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxbp: error:") and "--resume" in err and err.count("\n") == 1
+    assert {name: os.path.getmtime(os.path.join(run, name)) for name in os.listdir(run)} == before
+
+    shutil.rmtree(checkpoint.checkpoint_dir(run))
+    metrics = open(os.path.join(run, report.METRICS_FILE)).read()
+    assert run_cli("train", config_path, "--out", run) == 2
+    assert "metrics.jsonl of a run" in capsys.readouterr().err
+    assert open(os.path.join(run, report.METRICS_FILE)).read() == metrics
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_summary(one_epoch_run, config_path, capsys):
+    assert run_cli("eval", config_path, "--checkpoint", one_epoch_run) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.load(open(os.path.join(one_epoch_run, report.SUMMARY_FILE)))
+    assert result["epoch"] == 1
+    assert result["test_accuracy"] == summary["test_accuracy"]
+    assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+
+
+def test_summary_totals_over_epochs():
+    records = [report.epoch_record(1, 2.0, 0.5, None, 2.0, 100),
+               report.epoch_record(2, 1.0, 0.7, (0.9, 0.75), 1.0, 100)]
+    summary = report.summarize(records, steps=20, precision="float32")
+    assert summary["test_accuracy"] == 0.75 and summary["test_loss"] == 0.9
+    assert summary["epochs"] == 2 and summary["steps"] == 20
+    assert summary["train_time_s"] == 3.0
+    assert summary["images_per_second"] == pytest.approx(200 / 3.0)
+    assert summary["precision"] == "float32"
