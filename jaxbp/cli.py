@@ -12,6 +12,9 @@ Exit codes: 0 success; 1 `check` found a gradient that disagrees with jax.grad;
 holds another run), reported as one line "jaxbp: error: ..." on stderr, with
 nothing in DIR touched; 3 training diverged (NaN or infinite loss), the last good
 checkpoint kept; 130 interrupted by Ctrl-C.
+
+Every command first applies jaxbp's CPU defaults (`jaxbp.runtime`: an XLA flag and malloc
+settings); JAXBP_TUNING=0 in the environment leaves JAX's defaults instead.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from jaxbp import data
+from jaxbp import data, runtime
 from jaxbp.check import run_check
 from jaxbp.checkpoint import CHECKPOINT_DIR
 from jaxbp.config import SCHEMA, ConfigError, apply_override, load_config
@@ -125,6 +128,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command; returns the exit code (see the module docstring)."""
+    runtime.configure()  # before the first JAX computation, when XLA reads its flags
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -227,6 +227,84 @@ def test_a_broken_rule_fails_the_comparison(monkeypatch, name, argnum):
                                  (0, 1, 2))
 
 
+# ---------------------------------------------------------------- forward formulations
+
+# Shapes that select `_forward_by_taps` (1-3 input channels, groups 1), and with 16 or more
+# outputs also `_kernel_grad_by_taps`: the first layers of configs/seed002.yaml, wide.yaml and
+# the classic LeNet-5 at batch 2, and strided/dilated/padded 1-D to 3-D cases.
+# (x shape, w shape, kwargs)
+TAPS_CASES = [
+    ((2, 28, 28, 1), (5, 5, 1, 3), {}),
+    ((2, 28, 28, 1), (3, 3, 1, 32), dict(padding="SAME")),
+    ((2, 28, 28, 1), (5, 5, 1, 6), dict(padding="SAME")),
+    ((2, 9, 3), (3, 3, 4), dict(stride=2, padding=((2, 1),), dilation=2)),
+    ((2, 9, 3), (3, 3, 16), dict(stride=3, padding=((0, 2),), dilation=2)),
+    ((1, 7, 6, 2), (2, 3, 2, 3), dict(stride=(2, 1), padding=((0, 3), (1, 1)), dilation=(1, 2))),
+    ((1, 7, 6, 2), (2, 3, 2, 17), dict(stride=(2, 3), padding=((3, 0), (1, 1)), dilation=(2, 1))),
+    ((1, 4, 5, 3, 1), (2, 1, 2, 1, 2), dict(stride=(1, 2, 2), padding="SAME")),
+    ((2, 4, 5, 3, 3), (2, 2, 2, 3, 16), dict(stride=(2, 1, 1), padding="SAME", dilation=2)),
+]
+
+
+def _taps_id(case):
+    return "x" + "x".join(map(str, case[0])) + "-w" + "x".join(map(str, case[1]))
+
+
+def _selects_taps(x, w, **kwargs):
+    """Whether the hand forward of these shapes runs as per-tap products (no XLA convolution)."""
+    jaxpr = str(jax.make_jaxpr(functools.partial(hand.conv, **kwargs))(x, w))
+    return "conv_general_dilated" not in jaxpr
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs", TAPS_CASES,
+                         ids=[_taps_id(c) for c in TAPS_CASES])
+def test_forward_by_taps_matches_reference(x_shape, w_shape, kwargs):
+    x, w, b = random_inputs(5, [x_shape, w_shape, (w_shape[-1],)], jnp.float64)
+    assert _selects_taps(x, w, **kwargs)
+    assert_matches_reference(functools.partial(hand.conv, **kwargs),
+                             functools.partial(plain.conv, **kwargs), (x, w, b), (0, 1, 2))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,groups,taps", [
+    ((1, 6, 6, 3), (3, 3, 3, 4), 1, True),
+    ((1, 6, 6, 4), (3, 3, 4, 4), 1, False),
+    ((1, 6, 6, 2), (3, 3, 1, 4), 2, False),
+])
+def test_forward_formulation_is_chosen_by_input_channels(x_shape, w_shape, groups, taps):
+    x, w = random_inputs(1, [x_shape, w_shape], jnp.float64)
+    assert _selects_taps(x, w, groups=groups) == taps
+
+
+def test_tuning_off_keeps_xla_convolution(monkeypatch):
+    x, w = random_inputs(1, [(1, 6, 6, 1), (3, 3, 1, 2)], jnp.float64)
+    monkeypatch.setenv("JAXBP_TUNING", "0")
+    assert not _selects_taps(x, w)
+    assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
+
+
+def test_broken_forward_by_taps_fails_the_comparison(monkeypatch):
+    honest = hand._forward_by_taps
+    monkeypatch.setattr(hand, "_forward_by_taps", lambda *args: 1.01 * honest(*args))
+    x, w = random_inputs(2, [(1, 6, 6, 2), (3, 3, 2, 2)], jnp.float64)
+    with pytest.raises(AssertionError, match="forward differs"):
+        assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
+
+
+@pytest.mark.parametrize("out_ch,selected", [(16, True), (15, False)])
+def test_kernel_grad_by_taps_runs_for_few_inputs_and_many_outputs(monkeypatch, out_ch, selected):
+    """Broken on purpose, it fails the comparison exactly where the shapes select it."""
+    honest = hand._kernel_grad_by_taps
+    monkeypatch.setattr(hand, "_kernel_grad_by_taps", lambda *args: 1.01 * honest(*args))
+    x, w = random_inputs(3, [(1, 6, 6, 2), (3, 3, 2, out_ch)], jnp.float64)
+    compare = functools.partial(assert_matches_reference, functools.partial(hand.conv, stride=2),
+                                functools.partial(plain.conv, stride=2), (x, w), (0, 1))
+    if selected:
+        with pytest.raises(AssertionError, match="gradient of argument 1"):
+            compare()
+    else:
+        compare()
+
+
 # ---------------------------------------------------------------- transformations
 
 def test_jit():

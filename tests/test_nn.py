@@ -10,9 +10,11 @@ import pytest
 
 from gradcheck import TOLERANCE, relative_error
 from jaxbp import data, layers, reference
-from jaxbp.config import ConfigError, load_config
+from jaxbp.config import KERNEL_INITIALIZERS, LAYERS, ConfigError, load_config, tagged
 from jaxbp.nn import (HAND, REFERENCE, Conv, Dense, Flatten, MaxPool, Relu, build_model,
-                      format_summary, serial)
+                      format_summary, initializer, serial)
+
+SCHEMA_INIT = tagged("name", KERNEL_INITIALIZERS, "initialiser", shorthand=True)
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
@@ -151,8 +153,8 @@ def test_int_padding_pads_both_sides_like_pytorch():
 def test_summary_table():
     model = _build(load_config(os.path.join(CONFIG_DIR, "lenet5.yaml")))
     text = format_summary(model)
-    assert "conv(features=6, kernel=5, padding=SAME)" in text
-    assert "(28, 28, 6)" in text and "(5, 5, 16)" in text
+    assert "conv(features=32, kernel=3, padding=SAME)" in text
+    assert "(28, 28, 32)" in text and "(7, 7, 64)" in text and "(3136,)" in text
     total = sum(row.params for row in model.summary)
     assert f"total parameters: {total:,}" in text
     assert len(text.splitlines()) == len(model.summary) + 4
@@ -216,8 +218,9 @@ def test_stax_style_layers_compose_directly():
     assert [sorted(p) for p in params] == [["b", "w"], [], [], [], ["b", "w"]]
     assert params[0]["w"].shape == (3, 3, 2, 4) and params[4]["w"].shape == (64, 5)
     x = jnp.ones((3, 8, 8, 2), jnp.float64)
-    assert apply(params, x, REFERENCE).shape == (3, 5)
-    np.testing.assert_allclose(apply(params, x, HAND), apply(params, x, REFERENCE), rtol=1e-12)
+    both = jax.jit(lambda p, x: (apply(p, x, HAND), apply(p, x, REFERENCE)))(params, x)
+    assert both[1].shape == (3, 5)
+    np.testing.assert_allclose(*both, rtol=1e-12)
 
 
 def test_conv_without_bias_has_no_bias_parameter():
@@ -240,3 +243,34 @@ def test_initialisers_from_config():
                              "kernel_init": "he_normal"}], input_shape=(20000, 1))
     w = fan_in.init(_key())[1]["w"]
     assert float(jnp.std(w)) == pytest.approx(math.sqrt(2 / 20000), rel=0.05)
+
+
+def test_every_layer_type_builds_and_runs_alike_through_both_ops():
+    layer_cfgs = [
+        {"type": "conv", "features": 4, "kernel": [3, 2], "padding": "SAME", "dilation": 2},
+        {"type": "leaky_relu", "negative_slope": 0.1},
+        {"type": "avg_pool", "window": 2, "stride": 1},
+        {"type": "channel_max", "group_size": 2},
+        {"type": "tanh"},
+        {"type": "max_pool", "window": 2},
+        {"type": "relu"},
+        {"type": "flatten"},
+        {"type": "dense", "features": 3},
+        {"type": "sigmoid"},
+        {"type": "softmax"},
+    ]
+    assert {c["type"] for c in layer_cfgs} == set(LAYERS)
+    model = _layers_model(layer_cfgs, loss="quadratic", input_shape=(5, 5, 2), num_classes=3)
+    assert [r.output_shape for r in model.summary[:6]] == [
+        (5, 5, 4), (5, 5, 4), (4, 4, 4), (4, 4, 2), (4, 4, 2), (2, 2, 2)]
+    params = model.init(_key(), dtype=jnp.float64)
+    x, _ = _batch(model, jnp.float64)
+    run = jax.jit(model.apply, static_argnums=2)
+    assert relative_error(run(params, x, HAND), run(params, x, REFERENCE)) <= 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_INITIALIZERS))
+def test_every_configurable_initialiser_exists(name):
+    spec = SCHEMA_INIT.fn("init", name)
+    out = jax.eval_shape(lambda k: initializer(spec)(k, (3, 4), jnp.float32), _key())
+    assert out.shape == (3, 4) and out.dtype == jnp.float32

@@ -1,0 +1,568 @@
+#!/usr/bin/env python3
+"""Speed of one training step: jaxbp's hand-derived rules against jax.grad and PyTorch.
+
+    python3 experiments/bench.py                      # seed002, lenet5, wide at batch 128, 1024
+    python3 experiments/bench.py --quick              # a smaller run (a minute or two)
+    python3 experiments/bench.py --models wide --batches 128 --rounds 9
+
+One step = forward, backward and an SGD update (the config's learning rate), on random
+float32 images (batch, 28, 28, 1) and labels, channels-last. In ONE process, after warm-up,
+the candidates take turns in repeated rounds (the order rotating each round) and each
+candidate's median step time is reported:
+
+  hand      jaxbp's hand-derived rules, exactly as `jaxbp train` runs a step
+            (`jaxbp.train.make_train_step`, ops=HAND) under jaxbp's runtime defaults.
+  autodiff  the same step with the ops swapped for `jaxbp.reference` (jax.grad through the
+            plain twins), same process, same settings.
+  defaults  autodiff with JAX's defaults (JAXBP_TUNING=0, the user's own XLA_FLAGS). XLA reads
+            its flags when its backend starts and malloc settings belong to the process, so
+            this runs in a child process after the main rounds: not interleaved with them.
+            The child also times `hand` under defaults, to show what the settings give it.
+  torch     PyTorch eager on CPU (optional extra `bench`), the same layers in NCHW with
+            OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads starve everything else
+            on a shared 2-core machine). Skipped with a note when torch is missing.
+  matmul    a 2048^3 float32 matmul under the same settings, the ceiling that GFLOP/s are
+            compared with.
+
+Printed and written to experiments/results/bench.{json,md} (bench-quick.* for --quick): ms
+per step, the ratios hand/autodiff and hand/torch, images/s, GFLOP/s (model FLOPs: forward,
+input deltas except the first layer's, weight gradients) and their share of the matmul
+ceiling, and the bytes of residuals each saves for its backward (the leaves of the `jax.vjp`
+closure that are not inputs or parameters; PyTorch's saved tensors through
+`saved_tensors_hooks`). The machine's load (loadavg, other processes' CPU) is recorded before
+and after, since these machines are shared. These are measurements, never pass/fail tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # before jaxbp.runtime adds its own
+
+from jaxbp import runtime  # noqa: E402  (no JAX computation happens on import)
+
+MATMUL_SIZE = 2048
+MODELS = ("seed002", "lenet5", "wide")
+BATCHES = (128, 1024)
+QUICK = dict(models=("seed002", "lenet5", "wide"), batches=(128,), rounds=3)
+TARGET_ROUND_SECONDS = 0.3  # steps per round: enough that small models are timed many times
+
+
+# ---------------------------------------------------------------- machine load
+
+def _cpu_ticks() -> Dict[int, tuple]:
+    """{pid: (name, utime + stime ticks)} of every process readable in /proc."""
+    ticks = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        ticks[int(entry)] = (name, int(fields[11]) + int(fields[12]))
+    return ticks
+
+
+def machine_load(window: float = 1.0) -> dict:
+    """Load averages and the CPU share of other processes over `window` seconds."""
+    if not os.path.isdir("/proc"):
+        return {"loadavg": list(os.getloadavg())}
+    mine = {os.getpid(), os.getppid()}
+    before = _cpu_ticks()
+    time.sleep(window)
+    after = _cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    others = sorted(((after[p][1] - before[p][1]) / hz / window * 100, p, after[p][0])
+                    for p in after if p in before and p not in mine)[::-1]
+    busy = [(round(pct), pid, name) for pct, pid, name in others if pct >= 5]
+    return {"loadavg": [round(v, 2) for v in os.getloadavg()],
+            "other_cpu_percent": round(sum(pct for pct, _, _ in others)),
+            "busiest_others": [{"pid": p, "name": n, "cpu_percent": c} for c, p, n in busy[:5]]}
+
+
+# ---------------------------------------------------------------- model FLOPs
+
+def _conv_macs(layer: dict, in_shape, out_shape) -> int:
+    rank = len(in_shape) - 1
+    kernel = layer["kernel"]
+    kernel = [kernel] * rank if isinstance(kernel, int) else list(kernel)
+    taps = 1
+    for k in kernel:
+        taps *= k
+    positions = 1
+    for n in out_shape[:-1]:
+        positions *= n
+    return positions * out_shape[-1] * taps * in_shape[-1] // layer["groups"]
+
+
+def step_flops(model, layers: List[dict]) -> int:
+    """FLOPs of one example's step: 2 x (forward MACs + input-delta MACs + weight-gradient
+    MACs) over the conv and dense layers; the first of them computes no input delta."""
+    total, first, shape = 0, True, model.input_shape
+    for layer, row in zip(layers, model.summary):
+        macs = 0
+        if layer["type"] == "conv":
+            macs = _conv_macs(layer, shape, row.output_shape)
+        elif layer["type"] == "dense":
+            macs = shape[0] * layer["features"]
+        if macs:
+            total += macs * (2 if first else 3)
+            first = False
+        shape = row.output_shape
+    return 2 * total
+
+
+# ---------------------------------------------------------------- JAX candidates
+
+@contextmanager
+def train_ops(ops):
+    """Makes `jaxbp.train`'s step run through `ops` while it is traced (the CLI's own step)."""
+    from jaxbp import train
+    saved = train.HAND
+    train.HAND = ops
+    try:
+        yield
+    finally:
+        train.HAND = saved
+
+
+def residual_bytes(model, ops, params, images, labels) -> int:
+    """Bytes of the arrays the backward keeps: leaves of the `jax.vjp` closure of the loss
+    that are neither parameters nor inputs (counted once each)."""
+    import jax
+    closed = jax.make_jaxpr(lambda p, x, y: jax.vjp(
+        lambda q: model.loss(q, x, y, ops=ops), p)[1])(params, images, labels)
+    inputs = set(closed.jaxpr.invars)
+    seen, total = set(), 0
+    for var in closed.jaxpr.outvars:
+        if hasattr(var, "val") or var in inputs or var in seen:  # literals, inputs
+            continue
+        seen.add(var)
+        total += var.aval.size * var.aval.dtype.itemsize
+    return total
+
+
+class JaxCandidate:
+    """The CLI's compiled train step for one ops namespace; `run()` times one step."""
+
+    def __init__(self, model, ops, lr: float, images, labels):
+        import jax.numpy as jnp
+        import optax
+        from jaxbp import train
+        optimizer = optax.sgd(lr)
+        self._train, self.images, self.labels = train, images, labels
+        self.state = train.initial_state(model, optimizer, 0, jnp.float32)
+        self.residuals = residual_bytes(model, ops, self.state.params, images, labels)
+        with train_ops(ops):
+            step = train.make_train_step(model, optimizer, jnp.float32)
+            self.step = step.lower(self.state, train.zero_totals(jnp.float32), images,
+                                   labels).compile()
+
+    def run(self) -> float:
+        import jax
+        import jax.numpy as jnp
+        totals = self._train.zero_totals(jnp.float32)
+        jax.block_until_ready(totals)
+        start = time.perf_counter()
+        self.state, totals = self.step(self.state, totals, self.images, self.labels)
+        jax.block_until_ready((self.state, totals))
+        return time.perf_counter() - start
+
+
+class MatmulCandidate:
+    """A square float32 matmul: the FLOP rate the steps are compared with."""
+
+    flops = 2 * MATMUL_SIZE ** 3
+
+    def __init__(self):
+        import jax
+        import numpy as np
+        rng = np.random.default_rng(0)
+        self.a, self.b = (jax.device_put(rng.standard_normal((MATMUL_SIZE,) * 2, np.float32))
+                          for _ in range(2))
+        self.fn = jax.jit(lambda a, b: a @ b).lower(self.a, self.b).compile()
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        self.fn(self.a, self.b).block_until_ready()
+        return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- PyTorch twin
+
+class Unsupported(Exception):
+    pass
+
+
+def _torch_padding(layer: dict, rank: int):
+    padding, stride = layer["padding"], layer.get("stride") or 1
+    if padding == "VALID":
+        return 0
+    if padding == "SAME" and stride in (1, [1] * rank):
+        return "same"
+    if isinstance(padding, int):
+        return padding
+    if isinstance(padding, (list, tuple)) and all(lo == hi for lo, hi in padding):
+        return tuple(lo for lo, _ in padding)
+    raise Unsupported(f"padding {padding!r} with stride {stride!r}")
+
+
+def torch_net(torch, layers: List[dict], input_shape, loss_name: str, num_classes: int):
+    """The config's network in PyTorch (NCHW) and its loss(out, labels)."""
+    nn = torch.nn
+    rank = len(input_shape) - 1
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
+    max_pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[rank]
+    avg_pool = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[rank]
+    modules, channels = [], input_shape[-1]
+    for layer in layers:
+        kind = layer["type"]
+        if kind == "conv":
+            modules.append(conv(channels, layer["features"], layer["kernel"], layer["stride"],
+                                _torch_padding(layer, rank), layer["dilation"],
+                                layer["groups"], bias=layer["use_bias"]))
+            channels = layer["features"]
+        elif kind in ("max_pool", "avg_pool"):
+            if layer["padding"] != "VALID":
+                raise Unsupported(f"{kind} padding {layer['padding']!r}")
+            pool = max_pool if kind == "max_pool" else avg_pool
+            modules.append(pool(layer["window"], layer["stride"]))
+        elif kind == "flatten":
+            modules.append(nn.Flatten())
+        elif kind == "dense":
+            modules.append(nn.LazyLinear(layer["features"], bias=layer["use_bias"]))
+        elif kind in ("relu", "sigmoid", "tanh", "softmax"):
+            modules.append({"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+                            "softmax": lambda: nn.Softmax(-1)}[kind]())
+        elif kind == "leaky_relu":
+            modules.append(nn.LeakyReLU(layer["negative_slope"]))
+        else:
+            raise Unsupported(f"layer type {kind}")
+    net = nn.Sequential(*modules)
+    if loss_name == "quadratic":
+        def loss(out, labels):
+            target = torch.nn.functional.one_hot(labels, num_classes).to(out.dtype)
+            return 0.5 * ((out - target) ** 2).sum() / out.shape[0]
+    else:
+        loss = torch.nn.functional.cross_entropy
+    return net, loss
+
+
+class TorchCandidate:
+    def __init__(self, torch, cfg: dict, model, batch: int):
+        self.torch = torch
+        shape = model.input_shape
+        self.net, self.loss = torch_net(torch, cfg["model"]["layers"], shape, cfg["loss"],
+                                        model.num_classes)
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn((batch, shape[-1], *shape[:-1]), generator=generator)
+        self.y = torch.randint(0, model.num_classes, (batch,), generator=generator)
+        self.net(self.x)  # materialises the lazy dense layers
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg["optimizer"]["learning_rate"])
+        self.residuals = self._saved_bytes()
+
+    def _saved_bytes(self) -> int:
+        owned = {p.data_ptr() for p in self.net.parameters()} | {self.x.data_ptr()}
+        saved = {}
+
+        def pack(t):
+            if t.data_ptr() not in owned:
+                saved[t.data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with self.torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.loss(self.net(self.x), self.y)
+        return sum(saved.values())
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        out = self.net(self.x)
+        self.loss(out, self.y).backward()
+        self.opt.step()
+        int((out.argmax(1) == self.y).sum())  # the accuracy count the CLI's step makes too
+        return time.perf_counter() - start
+
+
+def import_torch():
+    """torch with one intra-op thread per core and passive OpenMP waits, or (None, why)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+    except ImportError:
+        return None, "torch not installed (pip install 'jaxbp[bench]' or torch==2.13.0)"
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch, None
+
+
+# ---------------------------------------------------------------- timing
+
+def time_rounds(candidates: Dict[str, object], rounds: int, warmup_steps: int) -> Dict[str, list]:
+    """Per candidate, the step times of `rounds` interleaved rounds, after warm-up steps.
+
+    Each round every candidate runs `repeat` steps back to back (so a round takes about
+    TARGET_ROUND_SECONDS each); the order rotates from round to round.
+    """
+    repeat = {}
+    for name, candidate in candidates.items():
+        warm = [candidate.run() for _ in range(warmup_steps)]
+        repeat[name] = max(1, min(20, round(TARGET_ROUND_SECONDS / max(min(warm), 1e-4))))
+    names = list(candidates)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name] += [candidates[name].run() for _ in range(repeat[name])]
+    return times
+
+
+def summary(times: List[float]) -> dict:
+    ms = sorted(t * 1e3 for t in times)
+    return {"median_ms": statistics.median(ms), "min_ms": ms[0],
+            "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))], "steps": len(ms)}
+
+
+def setup_jax_case(name: str, batch: int):
+    """(cfg, model, images, labels) for a config name or path."""
+    import jax
+    import numpy as np
+    from jaxbp.config import load_config
+    from jaxbp.train import build
+    path = name if name.endswith((".yaml", ".yml")) else os.path.join(REPO, "configs",
+                                                                      f"{name}.yaml")
+    cfg = load_config(path, [])
+    model = build(cfg)
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.standard_normal((batch, *model.input_shape), np.float32))
+    labels = jax.device_put(rng.integers(0, model.num_classes, batch).astype(np.int32))
+    return cfg, model, images, labels
+
+
+def measure_case(name: str, batch: int, args, torch, include_torch: bool) -> dict:
+    from jaxbp.nn import HAND, REFERENCE
+    cfg, model, images, labels = setup_jax_case(name, batch)
+    lr = cfg["optimizer"]["learning_rate"]
+    candidates, notes = {}, []
+    start = time.perf_counter()
+    candidates["hand"] = JaxCandidate(model, HAND, lr, images, labels)
+    candidates["autodiff"] = JaxCandidate(model, REFERENCE, lr, images, labels)
+    compile_s = time.perf_counter() - start
+    if include_torch and torch is not None:
+        try:
+            candidates["torch"] = TorchCandidate(torch, cfg, model, batch)
+        except Unsupported as exc:
+            notes.append(f"no PyTorch twin: {exc}")
+    if not args.child:
+        candidates["matmul"] = args.matmul
+    times = time_rounds(candidates, args.rounds, args.warmup)
+    result = {"model": name, "batch": batch, "flops_per_step": step_flops(
+        model, cfg["model"]["layers"]) * batch, "compile_s": round(compile_s, 1),
+        "notes": notes, "candidates": {}}
+    for cand_name, ts in times.items():
+        entry = summary(ts)
+        if hasattr(candidates[cand_name], "residuals"):
+            entry["residual_bytes"] = candidates[cand_name].residuals
+        result["candidates"][cand_name] = entry
+    return result
+
+
+# ---------------------------------------------------------------- defaults child
+
+def run_defaults_child(args) -> Optional[dict]:
+    """Runs this script with JAX's defaults in a child process; its results, or None."""
+    env = dict(os.environ, **{runtime.TUNING_VARIABLE: "0"})
+    if USER_XLA_FLAGS is None:
+        env.pop("XLA_FLAGS", None)
+    else:
+        env["XLA_FLAGS"] = USER_XLA_FLAGS
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "child.json")
+        command = [sys.executable, os.path.abspath(__file__), "--child", out,
+                   "--models", ",".join(args.models), "--batches",
+                   ",".join(map(str, args.batches)), "--rounds", str(args.rounds),
+                   "--warmup", str(args.warmup)]
+        done = subprocess.run(command, env=env)
+        if done.returncode != 0:
+            return None
+        with open(out) as f:
+            return json.load(f)
+
+
+# ---------------------------------------------------------------- report
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else a / b
+
+
+def derived(case: dict, ceiling_gflops: float) -> dict:
+    """Ratios, throughput and share of the matmul ceiling of one (model, batch)."""
+    c = case["candidates"]
+    med = {k: v["median_ms"] for k, v in c.items()}
+    defaults = case.get("defaults", {})
+    hand = med["hand"]
+    gflops = case["flops_per_step"] / (hand * 1e-3) / 1e9
+    return {
+        "hand_over_autodiff": ratio(hand, med["autodiff"]),
+        "hand_over_torch": ratio(hand, med.get("torch")),
+        "hand_over_defaults": ratio(hand, defaults.get("autodiff", {}).get("median_ms")),
+        "hand_images_per_s": case["batch"] / (hand * 1e-3),
+        "hand_gflops": gflops,
+        "hand_share_of_matmul": gflops / ceiling_gflops,
+        "residuals_hand_over_autodiff": ratio(c["hand"]["residual_bytes"],
+                                              c["autodiff"]["residual_bytes"]),
+    }
+
+
+def _fmt(value, spec: str = ".1f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _megabytes(n: Optional[int]) -> Optional[float]:
+    return None if n is None else n / 2**20
+
+
+def markdown(report: dict) -> str:
+    rows = ["| model | batch | hand ms | autodiff ms | defaults autodiff ms | PyTorch ms "
+            "| hand/autodiff | hand/PyTorch | hand img/s | hand GFLOP/s | of matmul "
+            "| residual MB hand / autodiff / PyTorch |",
+            "|" + "---|" * 12]
+    for case in report["cases"]:
+        c, d = case["candidates"], case["derived"]
+        defaults = case.get("defaults", {})
+        mb = [_fmt(_megabytes(c.get(k, {}).get("residual_bytes")), ".2f")
+              for k in ("hand", "autodiff", "torch")]
+        rows.append(
+            f"| {case['model']} | {case['batch']} | {c['hand']['median_ms']:.1f} "
+            f"| {c['autodiff']['median_ms']:.1f} "
+            f"| {_fmt(defaults.get('autodiff', {}).get('median_ms'))} "
+            f"| {_fmt(c.get('torch', {}).get('median_ms'))} "
+            f"| {_fmt(d['hand_over_autodiff'], '.2f')} | {_fmt(d['hand_over_torch'], '.2f')} "
+            f"| {d['hand_images_per_s']:,.0f} | {d['hand_gflops']:.1f} "
+            f"| {100 * d['hand_share_of_matmul']:.0f}% | {' / '.join(mb)} |")
+    env = report["environment"]
+    lines = [f"# Training-step benchmark ({report['started']})", "",
+             f"`{' '.join(report['command'])}`", "",
+             f"{env['cpu_count']} CPUs, jax {env['jax']}, torch {env['torch'] or 'absent'}; "
+             f"rounds {report['rounds']}, median of all timed steps after warm-up. "
+             f"Matmul ceiling ({MATMUL_SIZE}^3 float32, same process and settings): "
+             f"{report['matmul_gflops']:.1f} GFLOP/s.", "",
+             f"jaxbp runtime defaults applied: {', '.join(env['runtime_applied']) or 'none'}.",
+             "`defaults` ran afterwards in a child process with JAXBP_TUNING=0 (JAX's "
+             "defaults), not interleaved with the others.", "", *rows, "",
+             f"Load before: {json.dumps(report['load_before'])}",
+             f"Load after: {json.dumps(report['load_after'])}", ""]
+    for case in report["cases"]:
+        for note in case["notes"]:
+            lines.append(f"- {case['model']} {case['batch']}: {note}")
+    lines += [f"- {note}" for note in report["notes"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def print_case(case: dict) -> None:
+    c = case["candidates"]
+    parts = [f"{k} {v['median_ms']:.1f} ms" for k, v in c.items() if k != "matmul"]
+    for k, v in case.get("defaults", {}).items():
+        parts.append(f"defaults-{k} {v['median_ms']:.1f} ms")
+    print(f"{case['model']:>8} {case['batch']:>5}: " + ", ".join(parts), flush=True)
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated config names (configs/NAME.yaml) or YAML paths")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per candidate")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 128 only, 3 rounds; writes bench-quick.*")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
+    parser.add_argument("--no-defaults", action="store_true",
+                        help="skip the child process with JAX's defaults")
+    parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results"))
+    parser.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.rounds = ",".join(map(str, QUICK["batches"])), QUICK["rounds"]
+    args.models = [m for m in args.models.split(",") if m]
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    return args
+
+
+def child_main(args) -> int:
+    """Times hand and autodiff with whatever settings this process was started with."""
+    runtime.configure()  # a no-op under JAXBP_TUNING=0, which the parent sets
+    results = [measure_case(m, b, args, None, False) for m in args.models for b in args.batches]
+    with open(args.child, "w") as f:
+        json.dump(results, f)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args)
+    applied = runtime.configure()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_before = machine_load()
+    import jax
+    torch, torch_note = (None, "PyTorch skipped (--no-torch)") if args.no_torch else import_torch()
+    notes = [torch_note] if torch_note else []
+    args.matmul = MatmulCandidate()
+    cases = []
+    for model_name in args.models:
+        for batch in args.batches:
+            case = measure_case(model_name, batch, args, torch, True)
+            cases.append(case)
+            print_case(case)
+    if args.no_defaults:
+        notes.append("defaults child skipped (--no-defaults)")
+    else:
+        print("defaults (child process, JAXBP_TUNING=0) ...", flush=True)
+        child = run_defaults_child(args)
+        if child is None:
+            notes.append("defaults child process failed")
+        for case, child_case in zip(cases, child or []):
+            case["defaults"] = {k: v for k, v in child_case["candidates"].items()}
+            print_case(case)
+    matmul_times = [t for case in cases for t in [case["candidates"]["matmul"]["median_ms"]]]
+    ceiling = MatmulCandidate.flops / (statistics.median(matmul_times) * 1e-3) / 1e9
+    for case in cases:
+        case["derived"] = derived(case, ceiling)
+    report = {
+        "started": started, "command": [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]],
+        "rounds": args.rounds, "warmup_steps": args.warmup, "matmul_gflops": ceiling,
+        "environment": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+                        "jax": jax.__version__, "torch": torch.__version__ if torch else None,
+                        "runtime_applied": applied, "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+                        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "load_before": load_before, "load_after": machine_load(), "cases": cases,
+        "notes": notes}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench-quick" if args.quick else "bench")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
