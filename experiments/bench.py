@@ -16,8 +16,10 @@ candidate's median step time is reported:
             plain twins), same process, same settings.
   defaults  autodiff with JAX's defaults (JAXBP_TUNING=0, the user's own XLA_FLAGS). XLA reads
             its flags when its backend starts and malloc settings belong to the process, so
-            this runs in a child process after the main rounds: not interleaved with them.
-            The child also times `hand` under defaults, to show what the settings give it.
+            this runs in a child process after the main rounds: not interleaved with them,
+            and with at most 2 rounds after 1 warm-up step (wide at batch 1024 takes ~15 s a
+            step there). The child also times `hand` under defaults (JAXBP_TUNING=0 also
+            turns off the per-shape formulations), to show what the settings give it.
   torch     PyTorch eager on CPU (optional extra `bench`), the same layers in NCHW with
             OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads starve everything else
             on a shared 2-core machine). Skipped with a note when torch is missing.
@@ -393,8 +395,8 @@ def run_defaults_child(args) -> Optional[dict]:
         out = os.path.join(tmp, "child.json")
         command = [sys.executable, os.path.abspath(__file__), "--child", out,
                    "--models", ",".join(args.models), "--batches",
-                   ",".join(map(str, args.batches)), "--rounds", str(args.rounds),
-                   "--warmup", str(args.warmup)]
+                   ",".join(map(str, args.batches)), "--rounds", str(min(args.rounds, 2)),
+                   "--warmup", "1"]
         done = subprocess.run(command, env=env)
         if done.returncode != 0:
             return None

@@ -484,7 +484,8 @@ def read_yaml(path: str | os.PathLike) -> Any:
 
 
 def _split_key(key: str) -> list:
-    """'model.layers[0].features' or 'model.layers.0.features' -> ['model', 'layers', 0, 'features']."""
+    """'model.layers[0].features' or 'model.layers.0.features' -> [model, layers, 0, features]
+    (all strings; list indices are resolved against the config)."""
     parts = re.sub(r"\[(-?\d+)\]", r".\1", key).split(".")
     if not all(parts):
         raise ConfigError(f"--set: bad key {key!r} (expected dotted names like "

@@ -41,9 +41,9 @@ Shape = Tuple[int, ...]
 
 __all__ = [
     "Ops", "OP_NAMES", "HAND", "REFERENCE", "Layer", "Conv", "MaxPool", "AvgPool", "ChannelMax",
-    "Dense", "Flatten", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Softmax", "serial", "Model", "SummaryRow",
-    "build_model", "format_summary", "initializer", "constant", "glorot_normal", "glorot_uniform",
-    "he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "normal", "ones",
+    "Dense", "Flatten", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Softmax", "serial", "Model",
+    "SummaryRow", "build_model", "format_summary", "initializer", "constant", "glorot_normal",
+    "glorot_uniform", "he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "normal", "ones",
     "truncated_normal", "uniform", "variance_scaling", "zeros",
 ]
 
