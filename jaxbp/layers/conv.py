@@ -14,9 +14,10 @@ Backward, given the output delta dy = dL/dy:
   * bias gradient (`_bias_grad`): db[co] = sum_{n, o} dy[n, o, co] (the bias question of seeds
     002 and 003).
 Each gradient is a separate function of static shapes, so alternative formulations can be swapped
-in per shape at trace time. The forward itself is chosen that way (`_forward`): XLA's convolution,
-or for 1-3 input channels a sum over kernel taps of small products (`_forward_by_taps`), which XLA
-runs several times faster on CPU.
+in per shape at trace time. For 1-3 input channels XLA's CPU convolutions are slow, so there the
+forward is a sum over kernel taps of small products (`_forward_by_taps`) and, with 16 or more
+outputs, the kernel gradient one matmul over the stacked tap windows (`_kernel_grad_by_taps`);
+`_forward` and `_kernel_grad` choose (measurements by the constants below).
 """
 from __future__ import annotations
 
@@ -125,7 +126,9 @@ def _forward_by_taps(x, w, b, geometry: ConvGeometry):
 
 def _kernel_grad_by_taps(x, dy, w_shape: Sequence[int], geometry: ConvGeometry):
     """dL/dw `(*kernel, in, out)` (groups == 1) as dw[k] = sum_{n, o} x_pad[n, o * s + k * d, :]^T
-    dy[n, o, :]: the tap windows stacked on a leading axis, contracted with dy in one product.
+    dy[n, o, :]: the tap windows stacked on a leading axis, contracted with dy in one product
+    (each kernel entry the sum of the inputs it met times their deltas, seed
+    004_dd8ea2c9e43caa87.txt).
 
     For 1-3 input channels the stack is small and the product a plain (taps, batch * positions)
     x (batch * positions, out) matmul, where XLA's correlation first transposes dy.
