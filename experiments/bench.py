@@ -438,7 +438,7 @@ def _megabytes(n: Optional[int]) -> Optional[float]:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| model | batch | hand ms | autodiff ms | defaults autodiff ms | PyTorch ms "
+    rows = ["| model | batch | hand ms | autodiff ms | PyTorch ms | defaults: autodiff / hand ms "
             "| hand/autodiff | hand/PyTorch | hand img/s | hand GFLOP/s | of matmul "
             "| residual MB hand / autodiff / PyTorch |",
             "|" + "---|" * 12]
@@ -449,9 +449,9 @@ def markdown(report: dict) -> str:
               for k in ("hand", "autodiff", "torch")]
         rows.append(
             f"| {case['model']} | {case['batch']} | {c['hand']['median_ms']:.1f} "
-            f"| {c['autodiff']['median_ms']:.1f} "
-            f"| {_fmt(defaults.get('autodiff', {}).get('median_ms'))} "
-            f"| {_fmt(c.get('torch', {}).get('median_ms'))} "
+            f"| {c['autodiff']['median_ms']:.1f} | {_fmt(c.get('torch', {}).get('median_ms'))} "
+            f"| {_fmt(defaults.get('autodiff', {}).get('median_ms'))} / "
+            f"{_fmt(defaults.get('hand', {}).get('median_ms'))} "
             f"| {_fmt(d['hand_over_autodiff'], '.2f')} | {_fmt(d['hand_over_torch'], '.2f')} "
             f"| {d['hand_images_per_s']:,.0f} | {d['hand_gflops']:.1f} "
             f"| {100 * d['hand_share_of_matmul']:.0f}% | {' / '.join(mb)} |")
