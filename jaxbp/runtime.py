@@ -54,8 +54,12 @@ def with_xla_flags(current: str, flags=XLA_FLAGS) -> str:
 
 
 def _backend_started() -> bool:
-    from jax._src import xla_bridge  # jax keeps no public flag for this
-    return xla_bridge.backends_are_initialized()
+    """Whether JAX has started its backend (jax keeps no public flag; False if unknowable)."""
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False
 
 
 def _set_malloc_options() -> bool:
