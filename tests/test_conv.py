@@ -229,9 +229,10 @@ def test_a_broken_rule_fails_the_comparison(monkeypatch, name, argnum):
 
 # ---------------------------------------------------------------- forward formulations
 
-# Shapes that select `_forward_by_taps` (1-3 input channels, groups 1), and with 16 or more
-# outputs also `_kernel_grad_by_taps`: the first layers of configs/seed002.yaml, wide.yaml and
-# the classic LeNet-5 at batch 2, and strided/dilated/padded 1-D to 3-D cases.
+# Shapes that select a per-tap forward (1-3 input channels, groups 1): `_forward_by_taps` with
+# fewer outputs than taps * inputs, else `_forward_by_tap_matmul`; with 16 or more outputs also
+# `_kernel_grad_by_taps`. The first layers of configs/seed002.yaml, wide.yaml and
+# lenet5_classic.yaml at batch 2, and strided/dilated/padded 1-D to 3-D cases.
 # (x shape, w shape, kwargs)
 TAPS_CASES = [
     ((2, 28, 28, 1), (5, 5, 1, 3), {}),
@@ -288,6 +289,29 @@ def test_broken_forward_by_taps_fails_the_comparison(monkeypatch):
     x, w = random_inputs(2, [(1, 6, 6, 2), (3, 3, 2, 2)], jnp.float64)
     with pytest.raises(AssertionError, match="forward differs"):
         assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
+
+
+@pytest.mark.parametrize("w_shape,by_taps", [
+    ((3, 3, 2, 17), True),    # 17 outputs < 18 taps * inputs
+    ((3, 3, 2, 18), False),
+    ((5, 5, 1, 6), True),     # lenet5_classic's first layer
+    ((3, 3, 1, 32), False),   # wide's and lenet5's
+    ((3, 1, 2), True),        # 1-D, 2 outputs < 3 taps
+    ((2, 1, 2, 1, 4), False), # 3-D, 4 taps
+])
+def test_thin_forward_is_chosen_by_outputs_against_taps(monkeypatch, w_shape, by_taps):
+    """Each per-tap forward, broken on purpose, fails exactly where the shapes select it."""
+    x_shape = (1, *([6] * (len(w_shape) - 2)), w_shape[-2])
+    x, w = random_inputs(4, [x_shape, w_shape], jnp.float64)
+    for name, selected in (("_forward_by_taps", by_taps), ("_forward_by_tap_matmul", not by_taps)):
+        with monkeypatch.context() as patch:
+            honest = getattr(hand, name)
+            patch.setattr(hand, name, lambda *args, honest=honest: 1.01 * honest(*args))
+            if selected:
+                with pytest.raises(AssertionError, match="forward differs"):
+                    assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
+            else:
+                assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
 
 
 @pytest.mark.parametrize("out_ch,selected", [(16, True), (15, False)])

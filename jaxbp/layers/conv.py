@@ -15,14 +15,17 @@ Backward, given the output delta dy = dL/dy:
     002 and 003).
 Each gradient is a separate function of static shapes, so alternative formulations can be swapped
 in per shape at trace time. For 1-3 input channels XLA's CPU convolutions are slow, so there the
-forward is a sum over kernel taps of small products (`_forward_by_taps`) and, with 16 or more
-outputs, the kernel gradient one matmul over the stacked tap windows (`_kernel_grad_by_taps`);
-`_forward` and `_kernel_grad` choose (measurements by the constants below).
+forward is a stored sum over kernel taps of small products (`_forward_by_taps`, few outputs) or
+one matmul over the stacked tap windows (`_forward_by_tap_matmul`, many outputs) and, with 16
+or more outputs, the kernel gradient one matmul over the stacked tap windows
+(`_kernel_grad_by_taps`); `_forward` and `_kernel_grad` choose (measurements by the constants
+below).
 """
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Sequence, Tuple
 
 import jax
@@ -109,7 +112,7 @@ def _tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry):
                              (1, *geometry.strides, 1))
 
 
-def _forward_by_taps(x, w, b, geometry: ConvGeometry):
+def _summed_tap_products(x, w, b, geometry: ConvGeometry):
     """y `(batch, *out, out_ch)` as one product per kernel tap k, summed:
     y[n, o, :] = sum_k x_pad[n, o * s + k * d, :] @ w[k] + b (groups == 1).
 
@@ -122,6 +125,40 @@ def _forward_by_taps(x, w, b, geometry: ConvGeometry):
         product = lax.dot_general(window, w[tap], (((rank + 1,), (0,)), ((), ())))
         total = product if total is None else total + product
     return total if b is None else total + lax.broadcast_in_dim(b, total.shape, (rank + 1,))
+
+
+def _stored(y):
+    """y, as the result of a product with the identity over its channels.
+
+    XLA's CPU compiler treats the summed tap products as a cheap elementwise loop and repeats
+    them inside every later loop that reads y, including the backward's: behind ReLU and max
+    pooling, each input delta recomputed five outputs of 25 taps each, and the classic LeNet-5
+    step took 44 ms instead of 17 (batch 128). A matrix product is a library call whose result
+    is stored once. Exact for finite y; a row holding an infinity turns NaN, which stops
+    training all the same.
+    """
+    channels = y.shape[-1]
+    return lax.dot_general(y, jnp.eye(channels, dtype=y.dtype), (((y.ndim - 1,), (0,)), ((), ())))
+
+
+def _forward_by_taps(x, w, b, geometry: ConvGeometry):
+    """`_summed_tap_products`, stored (`_stored`): for few outputs, where the identity product
+    costs less than the taps."""
+    return _stored(_summed_tap_products(x, w, b, geometry))
+
+
+def _forward_by_tap_matmul(x, w, b, geometry: ConvGeometry):
+    """y `(batch, *out, out_ch)` as one matmul: the tap windows stacked next to the input
+    channels, `(batch, *out, taps, in)`, contracted with w reshaped to `(taps, in, out)`
+    (groups == 1). Its result is stored like any product's, and for many outputs the stack
+    of taps * in values per position costs less than `_stored`'s identity product.
+    """
+    rank = x.ndim - 2
+    windows = jnp.stack([window for _, window in _tap_windows(x, w.shape[:rank], geometry)],
+                        axis=-2)
+    kernel = w.reshape(-1, *w.shape[-2:])
+    y = lax.dot_general(windows, kernel, (((rank + 1, rank + 2), (0, 1)), ((), ())))
+    return y if b is None else y + lax.broadcast_in_dim(b, y.shape, (rank + 1,))
 
 
 def _kernel_grad_by_taps(x, dy, w_shape: Sequence[int], geometry: ConvGeometry):
@@ -141,11 +178,15 @@ def _kernel_grad_by_taps(x, dy, w_shape: Sequence[int], geometry: ConvGeometry):
     return grad.reshape(w_shape)
 
 
-# At most this many input channels (and groups == 1) select `_forward_by_taps`. Measured at
-# batch 128 on 28x28 single-channel inputs (2 cores, XLA CPU, jaxbp's runtime defaults): 5x5
-# to 3 outputs 0.4 ms vs 5.7 ms for XLA's convolution, 5x5 to 6 1.7 vs 10 ms, 3x3 to 32 1.1
-# vs 7 ms. A patches-and-one-matmul (im2col) forward took 3.9-6.6 ms: building the patches
-# costs more than the products.
+# At most this many input channels (and groups == 1) select a per-tap forward instead of XLA's
+# convolution. Measured at batch 128 on 28x28 single-channel inputs (2 cores, XLA CPU, jaxbp's
+# runtime defaults), alone: 5x5 to 3 outputs 0.4 ms vs 5.7 ms for XLA's convolution, 5x5 to 6
+# 1.7 vs 10 ms, 3x3 to 32 1.1 vs 7 ms. Which per-tap forward (`_forward`) was measured in whole
+# train steps (experiments/bench.py's models, batch 128 / 1024, ms): seed002 (5x5 to 3)
+# summed taps alone 3.7 / 16.2, stored 3.7 / 20.8, tap matmul 7.8 / 45.3; classic LeNet-5 (5x5
+# to 6) 44.1 / 318, 17.2 / 118, 22.0 / 148; lenet5 (3x3 to 32) 54.6 / 321, 53.2 / 322,
+# 47.8 / 304; wide (3x3 to 32) 200 / 1411, 216 / 1481, 200 / 1494. Summed taps alone are fast
+# until XLA repeats them (`_stored`), so they are always stored or replaced.
 _TAPS_MAX_CHANNELS = 3
 # ...and at least this many output channels also select `_kernel_grad_by_taps`. Same inputs:
 # 3x3 to 32 outputs 3.6 ms vs 6.0 ms for XLA's correlation (wide's train step 152 vs 174-202
@@ -160,11 +201,15 @@ def _few_input_channels(x, geometry: ConvGeometry) -> bool:
 
 
 def _forward(x, w, b, geometry: ConvGeometry):
-    """The forward: `_forward_by_taps` for few input channels, else XLA's convolution
-    (`conv_forward`, the reference forward)."""
-    if _few_input_channels(x, geometry):
+    """The forward: for few input channels `_forward_by_taps` when there are fewer outputs
+    than taps * inputs (the identity product is then the cheaper way to store y), else
+    `_forward_by_tap_matmul`; otherwise XLA's convolution (`conv_forward`, the reference)."""
+    if not _few_input_channels(x, geometry):
+        return conv_forward(x, w, b, geometry)
+    *kernel, inputs, outputs = w.shape
+    if outputs < math.prod(kernel) * inputs:
         return _forward_by_taps(x, w, b, geometry)
-    return conv_forward(x, w, b, geometry)
+    return _forward_by_tap_matmul(x, w, b, geometry)
 
 
 def _kernel_grad(x, dy, w_shape: Sequence[int], geometry: ConvGeometry):

@@ -1,0 +1,51 @@
+"""experiments/bench.py: its tuned autodiff baseline is the reference, and a tiny run reports."""
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbp import reference
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                     "bench.py")
+_spec = importlib.util.spec_from_file_location("jaxbp_bench", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize("shape, window, stride, padding", [
+    ((2, 28, 28, 3), 2, None, "VALID"),          # tiles: the reshape path
+    ((2, 7, 8, 2), 3, None, "VALID"),            # tiles a cropped extent
+    ((2, 12, 4), 4, None, "VALID"),              # 1-D
+    ((1, 4, 6, 4, 2), (2, 3, 2), None, "VALID"), # 3-D
+    ((2, 9, 9, 2), 3, 2, "VALID"),               # overlapping: falls back to reduce_window
+    ((2, 9, 9, 2), 2, None, "SAME"),             # padded: falls back
+])
+def test_reshape_max_pool_is_the_reference(shape, window, stride, padding):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape))
+    want = reference.max_pool(x, window, stride=stride, padding=padding)
+    got = bench.reshape_max_pool(x, window, stride=stride, padding=padding)
+    np.testing.assert_array_equal(got, want)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape))
+    grads = [jax.grad(lambda v, f=f: jnp.sum(weights * f(v, window, stride=stride,
+                                                         padding=padding)))(x)
+             for f in (bench.reshape_max_pool, reference.max_pool)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
+def test_tiny_run_writes_ratios(tmp_path):
+    assert bench.main(["--models", "seed002", "--batches", "8", "--rounds", "1",
+                       "--warmup", "1", "--no-torch", "--no-defaults",
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (case,) = report["cases"]
+    assert set(case["candidates"]) == {"hand", "autodiff", "tuned", "matmul"}
+    derived = case["derived"]
+    for key in ("hand_over_autodiff", "hand_over_tuned", "hand_gflops"):
+        assert np.isfinite(derived[key]) and derived[key] > 0
+    assert case["candidates"]["hand"]["residual_bytes"] > 0
+    assert "| seed002 | 8 |" in (tmp_path / "bench.md").read_text()
