@@ -190,15 +190,18 @@ def tuned_reference_ops():
 
 
 def check_same_gradients(model, ops, baseline, params, images, labels) -> None:
-    """Raises unless `ops` gives `baseline`'s loss and gradients (float32 tolerance)."""
+    """Raises unless `ops` gives `baseline`'s loss and gradients: each leaf within 1e-3 of its
+    largest entry (float32 sums over a batch of 1024 differ by ~1e-4 with the order)."""
     import jax
     import numpy as np
     got, want = (jax.jit(jax.value_and_grad(functools.partial(model.loss, ops=o)))(
         params, images, labels) for o in (ops, baseline))
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         scale = float(np.max(np.abs(b))) or 1.0
-        if float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) > 1e-4 * scale:
-            raise AssertionError(f"{ops.name} disagrees with {baseline.name}")
+        error = float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale
+        if error > 1e-3:
+            raise AssertionError(f"{ops.name} disagrees with {baseline.name}: a leaf of shape "
+                                 f"{np.shape(b)} differs by {error:.1e} of its largest entry")
 
 
 class JaxCandidate:
