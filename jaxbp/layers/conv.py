@@ -112,6 +112,16 @@ def _tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry):
                              (1, *geometry.strides, 1))
 
 
+def _stacked_tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry, axis: int):
+    """The `_tap_windows` stacked on a new `axis`, taps in row-major order."""
+    return jnp.stack([window for _, window in _tap_windows(x, kernel, geometry)], axis=axis)
+
+
+def _plus_bias(y, b):
+    """y + b over the last (channel) axis; y itself when b is None."""
+    return y if b is None else y + lax.broadcast_in_dim(b, y.shape, (y.ndim - 1,))
+
+
 def _summed_tap_products(x, w, b, geometry: ConvGeometry):
     """y `(batch, *out, out_ch)` as one product per kernel tap k, summed:
     y[n, o, :] = sum_k x_pad[n, o * s + k * d, :] @ w[k] + b (groups == 1).
@@ -124,7 +134,7 @@ def _summed_tap_products(x, w, b, geometry: ConvGeometry):
     for tap, window in _tap_windows(x, w.shape[:rank], geometry):
         product = lax.dot_general(window, w[tap], (((rank + 1,), (0,)), ((), ())))
         total = product if total is None else total + product
-    return total if b is None else total + lax.broadcast_in_dim(b, total.shape, (rank + 1,))
+    return _plus_bias(total, b)
 
 
 def _stored(y):
@@ -154,11 +164,10 @@ def _forward_by_tap_matmul(x, w, b, geometry: ConvGeometry):
     of taps * in values per position costs less than `_stored`'s identity product.
     """
     rank = x.ndim - 2
-    windows = jnp.stack([window for _, window in _tap_windows(x, w.shape[:rank], geometry)],
-                        axis=-2)
+    windows = _stacked_tap_windows(x, w.shape[:rank], geometry, axis=-2)
     kernel = w.reshape(-1, *w.shape[-2:])
-    y = lax.dot_general(windows, kernel, (((rank + 1, rank + 2), (0, 1)), ((), ())))
-    return y if b is None else y + lax.broadcast_in_dim(b, y.shape, (rank + 1,))
+    return _plus_bias(lax.dot_general(windows, kernel, (((rank + 1, rank + 2), (0, 1)), ((), ()))),
+                      b)
 
 
 def _kernel_grad_by_taps(x, dy, w_shape: Sequence[int], geometry: ConvGeometry):
@@ -171,7 +180,7 @@ def _kernel_grad_by_taps(x, dy, w_shape: Sequence[int], geometry: ConvGeometry):
     x (batch * positions, out) matmul, where XLA's correlation first transposes dy.
     """
     rank = x.ndim - 2
-    windows = jnp.stack([window for _, window in _tap_windows(x, w_shape[:rank], geometry)])
+    windows = _stacked_tap_windows(x, w_shape[:rank], geometry, axis=0)
     positions = tuple(range(rank + 1))
     contract = (tuple(p + 1 for p in positions), positions)
     grad = lax.dot_general(windows, dy, (contract, ((), ())))
