@@ -329,6 +329,77 @@ def test_kernel_grad_by_taps_runs_for_few_inputs_and_many_outputs(monkeypatch, o
         compare()
 
 
+# ---------------------------------------------------------------- input delta formulations
+
+# Shapes that select `_input_delta_by_band` (stride 1, dilation 1, groups 1, few input channels
+# against the band's extra multiplications): classic LeNet-5's second layer at batch 2, 1-D to
+# 3-D, "same", and explicit pads wider than the window or cropping the high end.
+# (x shape, w shape, kwargs)
+BAND_CASES = [
+    ((2, 14, 14, 6), (5, 5, 6, 16), {}),
+    ((2, 9, 3), (4, 3, 5), dict(padding="SAME")),
+    ((2, 8, 2), (3, 2, 3), dict(padding=((4, 0),))),
+    ((1, 7, 6, 2), (3, 2, 2, 3), dict(padding=((3, 1), (0, 2)))),
+    ((2, 6, 5, 1), (2, 3, 1, 4), dict(padding="SAME")),
+    ((1, 4, 5, 3, 2), (2, 3, 2, 2, 3), dict(padding=((1, 0), (0, 2), (1, 1)))),
+]
+
+
+def _break(monkeypatch, name):
+    honest = getattr(hand, name)
+    monkeypatch.setattr(hand, name, lambda *args: 1.01 * honest(*args))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs", BAND_CASES,
+                         ids=[_taps_id(c) for c in BAND_CASES])
+def test_input_delta_by_band_matches_reference(monkeypatch, x_shape, w_shape, kwargs):
+    x, w, b = random_inputs(6, [x_shape, w_shape, (w_shape[-1],)], jnp.float64)
+    compare = functools.partial(assert_matches_reference, functools.partial(hand.conv, **kwargs),
+                                functools.partial(plain.conv, **kwargs), (x, w, b), (0, 1, 2))
+    compare()
+    _break(monkeypatch, "_input_delta_by_band")
+    with pytest.raises(AssertionError, match="gradient of argument 0"):
+        compare()
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,selected", [
+    ((1, 14, 14, 6), (5, 5, 6, 16), {}, True),                  # cost 6 * 1.43 = 8.6
+    ((1, 20, 20, 6), (5, 5, 6, 16), {}, True),                  # 6 * 2.56 = 15.4
+    ((1, 14, 14, 6), (5, 5, 6, 16), dict(padding="SAME"), False),  # 6 * 2.8 = 16.8
+    ((1, 10, 10, 12), (3, 3, 12, 16), {}, False),               # 12 * 2.13 = 25.6
+    ((1, 14, 14, 6), (5, 5, 6, 16), dict(stride=2), False),
+    ((1, 14, 14, 6), (5, 5, 6, 16), dict(dilation=2), False),
+    ((1, 14, 14, 6), (5, 5, 3, 16), dict(groups=2), False),
+])
+def test_input_delta_by_band_runs_where_the_cost_selects_it(monkeypatch, x_shape, w_shape,
+                                                            kwargs, selected):
+    """Broken on purpose, it fails the comparison exactly where the shapes select it."""
+    x, w = random_inputs(8, [x_shape, w_shape], jnp.float64)
+    _break(monkeypatch, "_input_delta_by_band")
+    compare = functools.partial(assert_matches_reference, functools.partial(hand.conv, **kwargs),
+                                functools.partial(plain.conv, **kwargs), (x, w), (0, 1))
+    if selected:
+        with pytest.raises(AssertionError, match="gradient of argument 0"):
+            compare()
+    else:
+        compare()
+
+
+def test_tuning_off_keeps_xla_input_delta(monkeypatch):
+    x, w = random_inputs(9, [(1, 14, 14, 6), (5, 5, 6, 16)], jnp.float64)
+    monkeypatch.setenv("JAXBP_TUNING", "0")
+    _break(monkeypatch, "_input_delta_by_band")
+    assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 2), (4, 8, 8, 6), (2, 3, 64), (1, 5, 70), (13, 4)])
+def test_bias_grad_sums_every_position(shape):
+    """Rows of several positions side by side (or one, when the count has no fitting divisor)."""
+    dy, = random_inputs(10, [shape], jnp.float64)
+    np.testing.assert_allclose(hand._bias_grad(dy), np.asarray(dy).reshape(-1, shape[-1]).sum(0),
+                               rtol=1e-13)
+
+
 # ---------------------------------------------------------------- transformations
 
 def test_jit():
@@ -346,17 +417,19 @@ def test_grad_of_vmap(in_axes):
                              (x, w, b), (0, 1, 2))
 
 
+@pytest.mark.parametrize("kwargs,shapes", [
+    (STRIDED, None), ({}, [(2, 6, 5, 2), (3, 2, 2, 4), (4,)])], ids=["strided", "band"])
 @pytest.mark.parametrize("wrt", [0, 1], ids=["dx", "dw"])
-def test_grad_of_grad(wrt):
+def test_grad_of_grad(wrt, kwargs, shapes):
     """Differentiates the hand backward itself: <d/d(x or w) sum tanh(conv), c> w.r.t. x, w, b."""
     def first_grad(conv_fn):
         def fn(x, w, b):
-            loss = lambda *a: jnp.sum(jnp.tanh(conv_fn(*a, **STRIDED)))
+            loss = lambda *a: jnp.sum(jnp.tanh(conv_fn(*a, **kwargs)))
             return jax.grad(loss, argnums=wrt)(x, w, b)
         return fn
 
-    assert_matches_reference(first_grad(hand.conv), first_grad(plain.conv), _strided_args(),
-                             (0, 1, 2))
+    args = _strided_args() if shapes is None else random_inputs(12, shapes, jnp.float64)
+    assert_matches_reference(first_grad(hand.conv), first_grad(plain.conv), args, (0, 1, 2))
 
 
 @pytest.mark.parametrize("shapes,kwargs", [

@@ -161,6 +161,17 @@ def test_max_pool_ties_explicit():
     np.testing.assert_array_equal(dx.ravel(), [0.0, 11.0, 100.0, 0.0])
 
 
+def test_max_pool_nan_wins_like_lax_max():
+    """NaN propagates as in `lax.max` (the reference's reduce_window) and PyTorch; its delta
+    goes to the first NaN of the window, wherever the window's larger numbers sit."""
+    nan = np.nan
+    x = jnp.array([[1.0, nan], [7.0, nan], [nan, 3.0], [2.0, 5.0]]).reshape(1, 8, 1)
+    layer, reference = _both("max_pool", window=2)
+    np.testing.assert_array_equal(layer(x), reference(x))
+    dx = _max_pool_grad(x, jnp.array([1.0, 10.0, 100.0, 1000.0]).reshape(1, 4, 1), window=2)
+    np.testing.assert_array_equal(dx.ravel(), [0, 1.0, 0, 10.0, 100.0, 0, 0, 1000.0])
+
+
 def test_channel_max_ties_go_to_the_first_channel():
     x = jnp.array([[1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 0.0, 5.0, 5.0]])
     dx = jax.vjp(_both("channel_max", group_size=3)[0], x)[1](

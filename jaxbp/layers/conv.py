@@ -18,8 +18,10 @@ in per shape at trace time. For 1-3 input channels XLA's CPU convolutions are sl
 forward is a stored sum over kernel taps of small products (`_forward_by_taps`, few outputs) or
 one matmul over the stacked tap windows (`_forward_by_tap_matmul`, many outputs) and, with 16
 or more outputs, the kernel gradient one matmul over the stacked tap windows
-(`_kernel_grad_by_taps`); `_forward` and `_kernel_grad` choose (measurements by the constants
-below).
+(`_kernel_grad_by_taps`). Where the input delta has few channels and the image is narrow
+against the kernel, it is one matmul of each dy row with the kernel laid out as a banded matrix
+along the width (`_input_delta_by_band`). `_forward`, `_input_delta` and `_kernel_grad` choose
+(measurements by the constants below).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbp import runtime
@@ -59,7 +62,7 @@ def _swap_channels(w, groups: int):
     return swapped.reshape(*kernel, out // groups, groups * group_in)
 
 
-def _input_delta(dy, w, x_shape: Sequence[int], geometry: ConvGeometry):
+def _input_delta_by_conv(dy, w, x_shape: Sequence[int], geometry: ConvGeometry):
     """dL/dx `(batch, *spatial, in)` from dy `(batch, *out_spatial, out)`.
 
     FULL correlation of dy, spread out by the stride (stride - 1 zeros between entries), with the
@@ -75,6 +78,43 @@ def _input_delta(dy, w, x_shape: Sequence[int], geometry: ConvGeometry):
         dy, rotated, window_strides=(1,) * rank, padding=pads, lhs_dilation=geometry.strides,
         rhs_dilation=geometry.dilation, dimension_numbers=channels_last_numbers(rank),
         feature_group_count=geometry.groups)
+
+
+def _width_band(w, dy_width: int, in_width: int, low: int):
+    """The kernel as one banded matrix per tap of the leading kernel axes, `(leading taps,
+    dy_width * out, in_width * in)`: entry [l, (j, co), (u, c)] = w[l, q, c, co] where
+    u + low = j + q for a width tap q, else 0. A row of dy times it is that row's share of
+    the input delta along the whole width at once, every width tap included."""
+    *kernel, inputs, outputs = w.shape
+    taps, dy_at, x_at = np.ogrid[:kernel[-1], :dy_width, :in_width]
+    shifts = jnp.asarray(x_at + low == dy_at + taps, w.dtype)
+    leading = w.reshape(-1, kernel[-1], inputs, outputs)
+    band = jnp.einsum("qju,lqco->ljouc", shifts, leading)
+    return band.reshape(leading.shape[0], dy_width * outputs, in_width * inputs)
+
+
+def _input_delta_by_band(dy, w, x_shape: Sequence[int], geometry: ConvGeometry):
+    """dL/dx `(batch, *spatial, in)` (stride 1, dilation 1, groups 1) as one matmul and a sum of
+    shifts: each row of dy (the last spatial axis with the channels) times `_width_band` gives,
+    per leading kernel tap l, a row of the delta, dx[n, u, :] = sum_l R[n, u + low - l, l, :]
+    along the leading axes: the full correlation of dy with the rotated kernel, its width taps
+    done inside the product. For few input channels XLA's convolution runs that correlation at
+    about 20 GFLOP/s; the band does some multiplications by zero but at matmul speed.
+    """
+    rank = dy.ndim - 2
+    *kernel, inputs, outputs = w.shape
+    lows = [lo for lo, _ in geometry.pads]
+    band = _width_band(w, dy.shape[-2], x_shape[-2], lows[-1])
+    rows = dy.reshape(*dy.shape[:-2], dy.shape[-2] * outputs)
+    per_tap = lax.dot_general(rows, band, (((rank,), (1,)), ((), ())))
+    total = None
+    for index, tap in enumerate(itertools.product(*(range(k) for k in kernel[:-1]))):
+        shift = [(t - lo, n - m - t + lo, 0) for t, lo, n, m in
+                 zip(tap, lows, x_shape[1:-2], dy.shape[1:-2])]
+        part = lax.pad(per_tap[..., index, :], jnp.zeros((), dy.dtype),
+                       [(0, 0, 0), *shift, (0, 0, 0)])
+        total = part if total is None else total + part
+    return total.reshape(x_shape)
 
 
 def _kernel_grad_by_conv(x, dy, w_shape: Sequence[int], geometry: ConvGeometry):
@@ -221,6 +261,36 @@ def _forward(x, w, b, geometry: ConvGeometry):
     return _forward_by_tap_matmul(x, w, b, geometry)
 
 
+# `_input_delta_by_band` replaces XLA's correlation when (input channels) x (its multiplications
+# / the correlation's) is at most this (stride 1, dilation 1, groups 1). XLA slows down as the
+# delta gets fewer channels, the band as the width grows against the kernel's. Measured alone
+# (ms, XLA / band, batch 128 unless noted; product in brackets): 14x14 5x5 valid, 6 channels
+# from 16 (classic LeNet-5's second layer, [8.6]) 4.6 / 4.3, batch 1024 36 / 18; 16x16 [11]
+# 6.6 / 3.0; 20x20 [15] 10.4 / 6.3; 14x14 "same" [17] 7.1 / 8.9, batch 1024 34 / 30; 28x28
+# "same" [34] 17 / 21; 3x3 10x10 valid, 8 channels [17] 1.3 / 1.2, 12 [26] 1.4 / 1.7; 3x3
+# "same" 3 channels at 14x14 [14] 3.8 / 2.1, 16 [75] 2.8 / 5.8, 32 to 64 [149] 12 / 31.
+_BAND_MAX_COST = 16
+
+
+def _band_cost(dy_shape: Sequence[int], x_shape: Sequence[int], w_shape: Sequence[int]) -> float:
+    """Input channels times the band's multiplications over the correlation's: every dy row
+    meets every input column, where the correlation pairs each input with the kernel's taps."""
+    rank = len(x_shape) - 2
+    band = math.prod(dy_shape[1:-1]) * x_shape[-2]
+    correlation = math.prod(x_shape[1:-1]) * w_shape[rank - 1]
+    return x_shape[-1] * band / correlation
+
+
+def _input_delta(dy, w, x_shape: Sequence[int], geometry: ConvGeometry):
+    """dL/dx, by `_input_delta_by_band` where it is measured faster (`_BAND_MAX_COST`), else by
+    `_input_delta_by_conv`."""
+    unit = all(s == 1 for s in geometry.strides) and all(d == 1 for d in geometry.dilation)
+    if (unit and geometry.groups == 1 and runtime.formulations_enabled()
+            and _band_cost(dy.shape, x_shape, w.shape) <= _BAND_MAX_COST):
+        return _input_delta_by_band(dy, w, x_shape, geometry)
+    return _input_delta_by_conv(dy, w, x_shape, geometry)
+
+
 def _kernel_grad(x, dy, w_shape: Sequence[int], geometry: ConvGeometry):
     """dL/dw `(*kernel, in/G, out)`, by `_kernel_grad_by_taps` for few inputs and many outputs,
     else by `_kernel_grad_by_conv`."""
@@ -229,9 +299,23 @@ def _kernel_grad(x, dy, w_shape: Sequence[int], geometry: ConvGeometry):
     return _kernel_grad_by_conv(x, dy, w_shape, geometry)
 
 
+# `_bias_grad` sums rows of at least this many values. Measured alone (2 cores, ms): a
+# 1024x28x28x6 delta 4.1 summed per channel, 1.2 in rows of 64; 128x28x28x3 0.26 / 0.14.
+_BIAS_ROW_WIDTH = 64
+
+
 def _bias_grad(dy):
-    """dL/db `(out,)`: the delta summed over the batch and every output position."""
-    return jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
+    """dL/db `(out,)`: the delta summed over the batch and every output position.
+
+    Consecutive positions are first summed side by side, as rows of m * out values: XLA's
+    reduction over a few channels at a time runs at a quarter of memory speed."""
+    channels = dy.shape[-1]
+    positions = dy.size // channels
+    side_by_side = max(1, _BIAS_ROW_WIDTH // channels)
+    while positions % side_by_side:
+        side_by_side -= 1
+    rows = dy.reshape(positions // side_by_side, side_by_side * channels)
+    return jnp.sum(rows, axis=0).reshape(side_by_side, channels).sum(axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
