@@ -24,9 +24,10 @@ candidate's median step time is reported:
             and with at most 2 rounds after 1 warm-up step (wide at batch 1024 takes ~15 s a
             step there). The child also times `hand` under defaults (JAXBP_TUNING=0 also
             turns off the per-shape formulations), to show what the settings give it.
-  torch     PyTorch eager on CPU (optional extra `bench`), the same layers in NCHW with
+  torch     PyTorch eager (optional extra `bench`), the same layers in NCHW, on the CPU with
             OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads starve everything else
-            on a shared 2-core machine). Skipped with a note when torch is missing.
+            on a shared 2-core machine), or on CUDA when JAX's backend is a GPU and torch sees
+            one. Skipped with a note when torch is missing.
   matmul    a 2048^3 float32 matmul under the same settings, the ceiling that GFLOP/s are
             compared with.
 
@@ -310,16 +311,25 @@ def torch_net(torch, layers: List[dict], input_shape, loss_name: str, num_classe
     return net, loss
 
 
+def torch_device(torch) -> str:
+    """"cuda" when JAX computes on a GPU and torch sees one too, else "cpu": both frameworks
+    on the same kind of device."""
+    import jax
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 class TorchCandidate:
-    def __init__(self, torch, cfg: dict, model, batch: int):
+    def __init__(self, torch, cfg: dict, model, batch: int, device: str = "cpu"):
         self.torch = torch
         shape = model.input_shape
         self.net, self.loss = torch_net(torch, cfg["model"]["layers"], shape, cfg["loss"],
                                         model.num_classes)
         generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn((batch, shape[-1], *shape[:-1]), generator=generator)
-        self.y = torch.randint(0, model.num_classes, (batch,), generator=generator)
-        self.net(self.x)  # materialises the lazy dense layers
+        x = torch.randn((batch, shape[-1], *shape[:-1]), generator=generator)
+        y = torch.randint(0, model.num_classes, (batch,), generator=generator)
+        self.net(x)  # materialises the lazy dense layers, on the CPU
+        self.net.to(device)
+        self.x, self.y = x.to(device), y.to(device)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg["optimizer"]["learning_rate"])
         self.residuals = self._saved_bytes()
 
@@ -342,7 +352,8 @@ class TorchCandidate:
         out = self.net(self.x)
         self.loss(out, self.y).backward()
         self.opt.step()
-        int((out.argmax(1) == self.y).sum())  # the accuracy count the CLI's step makes too
+        # The accuracy count the CLI's step makes too; reading it waits for a GPU to finish.
+        int((out.argmax(1) == self.y).sum())
         return time.perf_counter() - start
 
 
@@ -415,7 +426,7 @@ def measure_case(name: str, batch: int, args, torch, include_torch: bool) -> dic
     compile_s = time.perf_counter() - start
     if include_torch and torch is not None:
         try:
-            candidates["torch"] = TorchCandidate(torch, cfg, model, batch)
+            candidates["torch"] = TorchCandidate(torch, cfg, model, batch, torch_device(torch))
         except Unsupported as exc:
             notes.append(f"no PyTorch twin: {exc}")
     if not args.child:
@@ -511,7 +522,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Training-step benchmark ({report['started']})", "",
              f"`{' '.join(report['command'])}`", "",
-             f"{env['cpu_count']} CPUs, jax {env['jax']}, torch {env['torch'] or 'absent'}; "
+             f"{env['cpu_count']} CPUs, jax {env['jax']} on {env.get('jax_backend', 'cpu')}, "
+             f"torch {env['torch'] or 'absent'} on {env.get('torch_device') or '-'}; "
              f"rounds {report['rounds']}, median of all timed steps after warm-up. "
              f"Matmul ceiling ({MATMUL_SIZE}^3 float32, same process and settings): "
              f"{report['matmul_gflops']:.1f} GFLOP/s.", "",
@@ -604,6 +616,8 @@ def main(argv=None) -> int:
         "rounds": args.rounds, "warmup_steps": args.warmup, "matmul_gflops": ceiling,
         "environment": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
                         "jax": jax.__version__, "torch": torch.__version__ if torch else None,
+                        "jax_backend": jax.default_backend(),
+                        "torch_device": torch_device(torch) if torch else None,
                         "runtime_applied": applied, "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
                         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
         "load_before": load_before, "load_after": machine_load(), "cases": cases,

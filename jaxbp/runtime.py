@@ -15,7 +15,9 @@ the isolated measurements recorded in `experiments/results/README.md`):
     an elementwise op on a 115 MB array took 88 ms, 14 ms with these settings.
 
 `JAXBP_TUNING=0` (or false/no/off) turns all of it off, including the per-shape choice of
-formulation in the hand-written rules (`formulations_enabled`), leaving JAX's defaults.
+formulation in the hand-written rules (`formulations_enabled`), leaving JAX's defaults. The
+formulations are chosen on the CPU backend only; the XLA flag and malloc settings do nothing
+to a GPU's kernels.
 """
 from __future__ import annotations
 
@@ -42,8 +44,11 @@ def tuning_enabled(environ: Optional[MutableMapping[str, str]] = None) -> bool:
 
 
 def formulations_enabled() -> bool:
-    """Whether the hand rules may pick a faster formulation per shape at trace time."""
-    return tuning_enabled()
+    """Whether the hand rules may pick a faster formulation per shape at trace time: on the
+    CPU backend only, where they were measured (on a GPU, XLA's convolutions are cuDNN's),
+    and not under JAXBP_TUNING=0. Asked while tracing, when JAX's backend is running."""
+    import jax
+    return tuning_enabled() and jax.default_backend() == "cpu"
 
 
 def with_xla_flags(current: str, flags=XLA_FLAGS) -> str:

@@ -276,9 +276,22 @@ def test_forward_formulation_is_chosen_by_input_channels(x_shape, w_shape, group
     assert _selects_taps(x, w, groups=groups) == taps
 
 
-def test_tuning_off_keeps_xla_convolution(monkeypatch):
+FORMULATIONS_OFF = ["JAXBP_TUNING=0", "gpu backend"]
+
+
+def _formulations_off(monkeypatch, how):
+    """The formulations chosen per shape are CPU measurements: off by the switch, and off on
+    any other backend (faked here, as CI has no GPU)."""
+    if how == "JAXBP_TUNING=0":
+        monkeypatch.setenv("JAXBP_TUNING", "0")
+    else:
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+
+@pytest.mark.parametrize("how", FORMULATIONS_OFF)
+def test_formulations_off_keep_xla_convolution(monkeypatch, how):
     x, w = random_inputs(1, [(1, 6, 6, 1), (3, 3, 1, 2)], jnp.float64)
-    monkeypatch.setenv("JAXBP_TUNING", "0")
+    _formulations_off(monkeypatch, how)
     assert not _selects_taps(x, w)
     assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
 
@@ -385,16 +398,21 @@ def test_input_delta_by_band_runs_where_the_cost_selects_it(monkeypatch, x_shape
         compare()
 
 
-def test_tuning_off_keeps_xla_input_delta(monkeypatch):
+@pytest.mark.parametrize("how", FORMULATIONS_OFF)
+def test_formulations_off_keep_xla_input_delta(monkeypatch, how):
     x, w = random_inputs(9, [(1, 14, 14, 6), (5, 5, 6, 16)], jnp.float64)
-    monkeypatch.setenv("JAXBP_TUNING", "0")
+    _formulations_off(monkeypatch, how)
     _break(monkeypatch, "_input_delta_by_band")
     assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
 
 
+@pytest.mark.parametrize("off", [None, *FORMULATIONS_OFF])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 2), (4, 8, 8, 6), (2, 3, 64), (1, 5, 70), (13, 4)])
-def test_bias_grad_sums_every_position(shape):
-    """Rows of several positions side by side (or one, when the count has no fitting divisor)."""
+def test_bias_grad_sums_every_position(monkeypatch, shape, off):
+    """Rows of several positions side by side (or one, when the count has no fitting divisor,
+    or the formulations are off)."""
+    if off:
+        _formulations_off(monkeypatch, off)
     dy, = random_inputs(10, [shape], jnp.float64)
     np.testing.assert_allclose(hand._bias_grad(dy), np.asarray(dy).reshape(-1, shape[-1]).sum(0),
                                rtol=1e-13)

@@ -56,3 +56,15 @@ def test_tuning_off_applies_nothing(monkeypatch):
                     reason="mallopt is glibc's")
 def test_malloc_options_are_accepted_by_glibc():
     assert runtime._set_malloc_options()
+
+
+@pytest.mark.parametrize("tuning,backend,enabled", [(None, "cpu", True), ("0", "cpu", False),
+                                                    (None, "gpu", False), (None, "tpu", False)])
+def test_formulations_only_on_cpu_and_with_tuning_on(monkeypatch, tuning, backend, enabled):
+    import jax
+    if tuning is None:
+        monkeypatch.delenv(runtime.TUNING_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(runtime.TUNING_VARIABLE, tuning)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert runtime.formulations_enabled() is enabled

@@ -311,7 +311,7 @@ def _bias_grad(dy):
     reduction over a few channels at a time runs at a quarter of memory speed."""
     channels = dy.shape[-1]
     positions = dy.size // channels
-    side_by_side = max(1, _BIAS_ROW_WIDTH // channels)
+    side_by_side = max(1, _BIAS_ROW_WIDTH // channels) if runtime.formulations_enabled() else 1
     while positions % side_by_side:
         side_by_side -= 1
     rows = dy.reshape(positions // side_by_side, side_by_side * channels)
