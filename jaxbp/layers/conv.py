@@ -97,8 +97,8 @@ def _input_delta_by_band(dy, w, x_shape: Sequence[int], geometry: ConvGeometry):
     """dL/dx `(batch, *spatial, in)` (stride 1, dilation 1, groups 1) as one matmul and a sum of
     shifts: each row of dy (the last spatial axis with the channels) times `_width_band` gives,
     per leading kernel tap l, a row of the delta, dx[n, u, :] = sum_l R[n, u + low - l, l, :]
-    along the leading axes: the full correlation of dy with the rotated kernel, its width taps
-    done inside the product. For few input channels XLA's convolution runs that correlation at
+    along the leading axes: the full correlation of dy with the rotated kernel (seed
+    003_9b8e0dca2bc08eb5.txt), its width taps done inside the product. For few input channels XLA's convolution runs that correlation at
     about 20 GFLOP/s; the band does some multiplications by zero but at matmul speed.
     """
     rank = dy.ndim - 2
