@@ -51,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,18 +136,6 @@ def step_flops(model, layers: List[dict]) -> int:
 
 # ---------------------------------------------------------------- JAX candidates
 
-@contextmanager
-def train_ops(ops):
-    """Makes `jaxbp.train`'s step run through `ops` while it is traced (the CLI's own step)."""
-    from jaxbp import train
-    saved = train.HAND
-    train.HAND = ops
-    try:
-        yield
-    finally:
-        train.HAND = saved
-
-
 def residual_bytes(model, ops, params, images, labels) -> int:
     """Bytes of the arrays the backward keeps: leaves of the `jax.vjp` closure of the loss
     that are neither parameters nor inputs (counted once each)."""
@@ -216,10 +203,9 @@ class JaxCandidate:
         self._train, self.images, self.labels = train, images, labels
         self.state = train.initial_state(model, optimizer, 0, jnp.float32)
         self.residuals = residual_bytes(model, ops, self.state.params, images, labels)
-        with train_ops(ops):
-            step = train.make_train_step(model, optimizer, jnp.float32)
-            self.step = step.lower(self.state, train.zero_totals(jnp.float32), images,
-                                   labels).compile()
+        step = train.make_train_step(model, optimizer, jnp.float32, ops)
+        self.step = step.lower(self.state, train.zero_totals(jnp.float32), images,
+                               labels).compile()
 
     def run(self) -> float:
         import jax

@@ -98,16 +98,18 @@ def zero_totals(dtype) -> Totals:
     return Totals(jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, dtype) -> Callable:
-    """jit(state, totals, images, labels) -> (state, totals), with state and totals donated."""
+def make_train_step(model, optimizer: optax.GradientTransformation, dtype,
+                    ops=HAND) -> Callable:
+    """jit(state, totals, images, labels) -> (state, totals), with state and totals donated;
+    `ops` the primitives to run through (the hand rules; the benchmark also times others)."""
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(state: TrainState, totals: Totals, images, labels):
         images = images.astype(dtype)
-        loss, grads = jax.value_and_grad(model.loss)(state.params, images, labels, ops=HAND)
+        loss, grads = jax.value_and_grad(model.loss)(state.params, images, labels, ops=ops)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        correct = count_correct(model.apply(state.params, images, ops=HAND), labels)
+        correct = count_correct(model.apply(state.params, images, ops=ops), labels)
         return TrainState(params, opt_state), Totals(totals.loss + loss, totals.correct + correct)
 
     return train_step

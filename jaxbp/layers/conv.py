@@ -243,10 +243,15 @@ _TAPS_MAX_CHANNELS = 3
 _TAPS_KERNEL_GRAD_MIN_OUT = 16
 
 
+def _formulations_apply(geometry: ConvGeometry) -> bool:
+    """Whether a formulation other than XLA's convolution may be chosen: groups 1, and the
+    formulations on (`runtime.formulations_enabled`: the CPU backend, JAXBP_TUNING not 0)."""
+    return geometry.groups == 1 and runtime.formulations_enabled()
+
+
 def _few_input_channels(x, geometry: ConvGeometry) -> bool:
-    """Whether the per-tap formulations apply (unless JAXBP_TUNING=0 turns them off)."""
-    return (geometry.groups == 1 and x.shape[-1] <= _TAPS_MAX_CHANNELS
-            and runtime.formulations_enabled())
+    """Whether the per-tap formulations apply."""
+    return x.shape[-1] <= _TAPS_MAX_CHANNELS and _formulations_apply(geometry)
 
 
 def _forward(x, w, b, geometry: ConvGeometry):
@@ -285,7 +290,7 @@ def _input_delta(dy, w, x_shape: Sequence[int], geometry: ConvGeometry):
     """dL/dx, by `_input_delta_by_band` where it is measured faster (`_BAND_MAX_COST`), else by
     `_input_delta_by_conv`."""
     unit = all(s == 1 for s in geometry.strides) and all(d == 1 for d in geometry.dilation)
-    if (unit and geometry.groups == 1 and runtime.formulations_enabled()
+    if (unit and _formulations_apply(geometry)
             and _band_cost(dy.shape, x_shape, w.shape) <= _BAND_MAX_COST):
         return _input_delta_by_band(dy, w, x_shape, geometry)
     return _input_delta_by_conv(dy, w, x_shape, geometry)

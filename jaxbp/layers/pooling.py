@@ -138,10 +138,10 @@ def _max_and_winner(x, geometry: PoolGeometry):
     backward for every input position (classic LeNet-5's first pool, batch 1024:
     28 -> 10 ms forward and backward)."""
     candidates = jnp.stack(list(_window_elements(x, geometry, -jnp.inf)), axis=-1)
-    positions = lax.broadcasted_iota(_index_dtype(geometry.window_size), candidates.shape,
-                                     candidates.ndim - 1)
-    lowest = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, positions.dtype))
     window_axis = candidates.ndim - 1
+    positions = lax.broadcasted_iota(_index_dtype(geometry.window_size), candidates.shape,
+                                     window_axis)
+    lowest = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, positions.dtype))
     # JAX cannot differentiate a variadic reduction; the maximum alone is one it can.
     _, winner = lax.reduce((lax.stop_gradient(candidates), positions), lowest, _first_maximum,
                            (window_axis,))
