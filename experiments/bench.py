@@ -32,7 +32,9 @@ candidate's median step time is reported:
             compared with.
 
 Printed and written to experiments/results/bench.{json,md} (bench-quick.* for --quick): ms
-per step, the ratios hand/autodiff and hand/torch, images/s, GFLOP/s (model FLOPs: forward,
+per step, the ratios hand/autodiff and hand/torch (each with its range over the rounds, the
+ratio of the two candidates' medians round by round: how far drift moved it within the run),
+images/s, GFLOP/s (model FLOPs: forward,
 input deltas except the first layer's, weight gradients) and their share of the matmul
 ceiling, and the bytes of residuals each saves for its backward (the leaves of the `jax.vjp`
 closure that are not inputs or parameters; PyTorch's saved tensors through
@@ -356,8 +358,9 @@ def import_torch():
 
 # ---------------------------------------------------------------- timing
 
-def time_rounds(candidates: Dict[str, object], rounds: int, warmup_steps: int) -> Dict[str, list]:
-    """Per candidate, the step times of `rounds` interleaved rounds, after warm-up steps.
+def time_rounds(candidates: Dict[str, object], rounds: int,
+                warmup_steps: int) -> Dict[str, List[List[float]]]:
+    """Per candidate, the step times of each of `rounds` interleaved rounds, after warm-up.
 
     Each round every candidate runs `repeat` steps back to back (so a round takes about
     TARGET_ROUND_SECONDS each); the order rotates from round to round.
@@ -370,14 +373,29 @@ def time_rounds(candidates: Dict[str, object], rounds: int, warmup_steps: int) -
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name] += [candidates[name].run() for _ in range(repeat[name])]
+            times[name].append([candidates[name].run() for _ in range(repeat[name])])
     return times
 
 
-def summary(times: List[float]) -> dict:
-    ms = sorted(t * 1e3 for t in times)
+def summary(rounds: List[List[float]]) -> dict:
+    """Median, min and 90th percentile of all steps (ms), and each round's median."""
+    ms = sorted(t * 1e3 for steps in rounds for t in steps)
     return {"median_ms": statistics.median(ms), "min_ms": ms[0],
-            "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))], "steps": len(ms)}
+            "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))], "steps": len(ms),
+            "round_medians_ms": [statistics.median(steps) * 1e3 for steps in rounds]}
+
+
+def round_ratio_range(numerator: dict, denominator: Optional[dict]) -> Optional[List[float]]:
+    """[lowest, highest] over the rounds of the ratio of two candidates' round medians.
+
+    The candidates of a round run minutes apart at most, so this spread shows how far the
+    machine's drift (other tenants, CPU steal) moves a ratio within one run.
+    """
+    if denominator is None or "round_medians_ms" not in denominator:
+        return None
+    ratios = [a / b for a, b in zip(numerator["round_medians_ms"],
+                                    denominator["round_medians_ms"])]
+    return [min(ratios), max(ratios)]
 
 
 def setup_jax_case(name: str, batch: int):
@@ -466,6 +484,8 @@ def derived(case: dict, ceiling_gflops: float) -> dict:
     gflops = case["flops_per_step"] / (hand * 1e-3) / 1e9
     return {
         "hand_over_autodiff": ratio(hand, med["autodiff"]),
+        "hand_over_autodiff_rounds": round_ratio_range(c["hand"], c["autodiff"]),
+        "hand_over_torch_rounds": round_ratio_range(c["hand"], c.get("torch")),
         "hand_over_tuned": ratio(hand, med.get("tuned")),
         "hand_over_torch": ratio(hand, med.get("torch")),
         "hand_over_defaults": ratio(hand, defaults.get("autodiff", {}).get("median_ms")),
@@ -479,6 +499,13 @@ def derived(case: dict, ceiling_gflops: float) -> dict:
 
 def _fmt(value, spec: str = ".1f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
+
+
+def _with_range(value: Optional[float], spread: Optional[List[float]]) -> str:
+    """A ratio, with its range over the rounds in brackets when there is one."""
+    if value is None or spread is None:
+        return _fmt(value, ".2f")
+    return f"{value:.2f} ({spread[0]:.2f}-{spread[1]:.2f})"
 
 
 def _megabytes(n: Optional[int]) -> Optional[float]:
@@ -501,8 +528,9 @@ def markdown(report: dict) -> str:
             f"| {_fmt(c.get('torch', {}).get('median_ms'))} "
             f"| {_fmt(defaults.get('autodiff', {}).get('median_ms'))} / "
             f"{_fmt(defaults.get('hand', {}).get('median_ms'))} "
-            f"| {_fmt(d['hand_over_autodiff'], '.2f')} | {_fmt(d['hand_over_tuned'], '.2f')} "
-            f"| {_fmt(d['hand_over_torch'], '.2f')} "
+            f"| {_with_range(d['hand_over_autodiff'], d.get('hand_over_autodiff_rounds'))} "
+            f"| {_fmt(d['hand_over_tuned'], '.2f')} "
+            f"| {_with_range(d['hand_over_torch'], d.get('hand_over_torch_rounds'))} "
             f"| {d['hand_images_per_s']:,.0f} | {d['hand_gflops']:.1f} "
             f"| {100 * d['hand_share_of_matmul']:.0f}% | {' / '.join(mb)} |")
     env = report["environment"]
@@ -510,12 +538,15 @@ def markdown(report: dict) -> str:
              f"`{' '.join(report['command'])}`", "",
              f"{env['cpu_count']} CPUs, jax {env['jax']} on {env.get('jax_backend', 'cpu')}, "
              f"torch {env['torch'] or 'absent'} on {env.get('torch_device') or '-'}; "
-             f"rounds {report['rounds']}, median of all timed steps after warm-up. "
+             f"rounds {report['rounds']}, median of all timed steps after warm-up; in "
+             "brackets, a ratio's range over the rounds (each round's medians). "
              f"Matmul ceiling ({MATMUL_SIZE}^3 float32, same process and settings): "
              f"{report['matmul_gflops']:.1f} GFLOP/s.", "",
              f"jaxbp runtime defaults applied: {', '.join(env['runtime_applied']) or 'none'}.",
-             "`defaults` ran afterwards in a child process with JAXBP_TUNING=0 (JAX's "
-             "defaults), not interleaved with the others.", "", *rows, "",
+             *(["`defaults` ran afterwards in a child process with JAXBP_TUNING=0 (JAX's "
+                "defaults), not interleaved with the others."]
+               if any("defaults" in case for case in report["cases"]) else []),
+             "", *rows, "",
              f"Load before: {json.dumps(report['load_before'])}",
              f"Load after: {json.dumps(report['load_after'])}", ""]
     for case in report["cases"]:

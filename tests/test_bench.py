@@ -47,5 +47,19 @@ def test_tiny_run_writes_ratios(tmp_path):
     derived = case["derived"]
     for key in ("hand_over_autodiff", "hand_over_tuned", "hand_gflops"):
         assert np.isfinite(derived[key]) and derived[key] > 0
+    low, high = derived["hand_over_autodiff_rounds"]
+    assert low == high == pytest.approx(
+        case["candidates"]["hand"]["round_medians_ms"][0]
+        / case["candidates"]["autodiff"]["round_medians_ms"][0])
+    assert derived["hand_over_torch_rounds"] is None
     assert case["candidates"]["hand"]["residual_bytes"] > 0
     assert "| seed002 | 8 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_round_ratio_range_pairs_rounds():
+    hand = bench.summary([[0.010, 0.012, 0.011], [0.020], [0.009, 0.030]])
+    assert hand["round_medians_ms"] == pytest.approx([11.0, 20.0, 19.5])
+    assert hand["median_ms"] == pytest.approx(11.5)
+    other = {"round_medians_ms": [22.0, 25.0, 39.0]}
+    assert bench.round_ratio_range(hand, other) == pytest.approx([0.5, 0.8])
+    assert bench.round_ratio_range(hand, None) is None
