@@ -34,12 +34,12 @@ candidate's median step time is reported:
 Printed and written to experiments/results/bench.{json,md} (bench-quick.* for --quick): ms
 per step, the ratios hand/autodiff and hand/torch (each with its range over the rounds, the
 ratio of the two candidates' medians round by round: how far drift moved it within the run),
-images/s, GFLOP/s (model FLOPs: forward,
-input deltas except the first layer's, weight gradients) and their share of the matmul
-ceiling, and the bytes of residuals each saves for its backward (the leaves of the `jax.vjp`
-closure that are not inputs or parameters; PyTorch's saved tensors through
-`saved_tensors_hooks`). The machine's load (loadavg, other processes' CPU) is recorded before
-and after, since these machines are shared. These are measurements, never pass/fail tests.
+images/s, GFLOP/s (model FLOPs: forward, input deltas except the first layer's, weight
+gradients) and their share of the matmul ceiling, and the bytes of residuals each saves for
+its backward (the leaves of the `jax.vjp` closure that are not inputs or parameters;
+PyTorch's saved tensors through `saved_tensors_hooks`). The machine's load (loadavg, other
+processes' CPU) is recorded before and after, since these machines are shared. These are
+measurements, never pass/fail tests.
 """
 from __future__ import annotations
 
@@ -391,7 +391,7 @@ def round_ratio_range(numerator: dict, denominator: Optional[dict]) -> Optional[
     The candidates of a round run minutes apart at most, so this spread shows how far the
     machine's drift (other tenants, CPU steal) moves a ratio within one run.
     """
-    if denominator is None or "round_medians_ms" not in denominator:
+    if denominator is None:
         return None
     ratios = [a / b for a, b in zip(numerator["round_medians_ms"],
                                     denominator["round_medians_ms"])]
@@ -528,9 +528,9 @@ def markdown(report: dict) -> str:
             f"| {_fmt(c.get('torch', {}).get('median_ms'))} "
             f"| {_fmt(defaults.get('autodiff', {}).get('median_ms'))} / "
             f"{_fmt(defaults.get('hand', {}).get('median_ms'))} "
-            f"| {_with_range(d['hand_over_autodiff'], d.get('hand_over_autodiff_rounds'))} "
+            f"| {_with_range(d['hand_over_autodiff'], d['hand_over_autodiff_rounds'])} "
             f"| {_fmt(d['hand_over_tuned'], '.2f')} "
-            f"| {_with_range(d['hand_over_torch'], d.get('hand_over_torch_rounds'))} "
+            f"| {_with_range(d['hand_over_torch'], d['hand_over_torch_rounds'])} "
             f"| {d['hand_images_per_s']:,.0f} | {d['hand_gflops']:.1f} "
             f"| {100 * d['hand_share_of_matmul']:.0f}% | {' / '.join(mb)} |")
     env = report["environment"]

@@ -216,11 +216,16 @@ def test_residuals_are_x_and_w_only():
     assert len(residuals) == 2 and residuals[0] is x and residuals[1] is w
 
 
+def _break(monkeypatch, name):
+    """Replaces `hand.<name>` by 1.01 times itself: a rule that is wrong, on purpose."""
+    honest = getattr(hand, name)
+    monkeypatch.setattr(hand, name, lambda *args: 1.01 * honest(*args))
+
+
 @pytest.mark.parametrize("name,argnum", [("_input_delta", 0), ("_kernel_grad", 1),
                                          ("_bias_grad", 2)])
 def test_a_broken_rule_fails_the_comparison(monkeypatch, name, argnum):
-    honest = getattr(hand, name)
-    monkeypatch.setattr(hand, name, lambda *args: 1.01 * honest(*args))
+    _break(monkeypatch, name)
     with pytest.raises(AssertionError, match=f"gradient of argument {argnum}"):
         assert_matches_reference(functools.partial(hand.conv, **STRIDED),
                                  functools.partial(plain.conv, **STRIDED), _strided_args(),
@@ -297,8 +302,7 @@ def test_formulations_off_keep_xla_convolution(monkeypatch, how):
 
 
 def test_broken_forward_by_taps_fails_the_comparison(monkeypatch):
-    honest = hand._forward_by_taps
-    monkeypatch.setattr(hand, "_forward_by_taps", lambda *args: 1.01 * honest(*args))
+    _break(monkeypatch, "_forward_by_taps")
     x, w = random_inputs(2, [(1, 6, 6, 2), (3, 3, 2, 2)], jnp.float64)
     with pytest.raises(AssertionError, match="forward differs"):
         assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
@@ -318,8 +322,7 @@ def test_thin_forward_is_chosen_by_outputs_against_taps(monkeypatch, w_shape, by
     x, w = random_inputs(4, [x_shape, w_shape], jnp.float64)
     for name, selected in (("_forward_by_taps", by_taps), ("_forward_by_tap_matmul", not by_taps)):
         with monkeypatch.context() as patch:
-            honest = getattr(hand, name)
-            patch.setattr(hand, name, lambda *args, honest=honest: 1.01 * honest(*args))
+            _break(patch, name)
             if selected:
                 with pytest.raises(AssertionError, match="forward differs"):
                     assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
@@ -330,8 +333,7 @@ def test_thin_forward_is_chosen_by_outputs_against_taps(monkeypatch, w_shape, by
 @pytest.mark.parametrize("out_ch,selected", [(16, True), (15, False)])
 def test_kernel_grad_by_taps_runs_for_few_inputs_and_many_outputs(monkeypatch, out_ch, selected):
     """Broken on purpose, it fails the comparison exactly where the shapes select it."""
-    honest = hand._kernel_grad_by_taps
-    monkeypatch.setattr(hand, "_kernel_grad_by_taps", lambda *args: 1.01 * honest(*args))
+    _break(monkeypatch, "_kernel_grad_by_taps")
     x, w = random_inputs(3, [(1, 6, 6, 2), (3, 3, 2, out_ch)], jnp.float64)
     compare = functools.partial(assert_matches_reference, functools.partial(hand.conv, stride=2),
                                 functools.partial(plain.conv, stride=2), (x, w), (0, 1))
@@ -356,11 +358,6 @@ BAND_CASES = [
     ((2, 6, 5, 1), (2, 3, 1, 4), dict(padding="SAME")),
     ((1, 4, 5, 3, 2), (2, 3, 2, 2, 3), dict(padding=((1, 0), (0, 2), (1, 1)))),
 ]
-
-
-def _break(monkeypatch, name):
-    honest = getattr(hand, name)
-    monkeypatch.setattr(hand, name, lambda *args: 1.01 * honest(*args))
 
 
 @pytest.mark.parametrize("x_shape,w_shape,kwargs", BAND_CASES,

@@ -37,7 +37,7 @@ from jax import lax
 
 from jaxbp import runtime
 from jaxbp.reference.conv import (ConvGeometry, channels_last_numbers, conv_forward,
-                                  conv_geometry, effective_window, fixed_rank)
+                                  conv_geometry, effective_window, fixed_rank, plus_bias)
 
 
 def _unreached(size: int, kernel: int, dilation: int, stride: int, pad: Tuple[int, int]) -> int:
@@ -98,8 +98,9 @@ def _input_delta_by_band(dy, w, x_shape: Sequence[int], geometry: ConvGeometry):
     shifts: each row of dy (the last spatial axis with the channels) times `_width_band` gives,
     per leading kernel tap l, a row of the delta, dx[n, u, :] = sum_l R[n, u + low - l, l, :]
     along the leading axes: the full correlation of dy with the rotated kernel (seed
-    003_9b8e0dca2bc08eb5.txt), its width taps done inside the product. For few input channels XLA's convolution runs that correlation at
-    about 20 GFLOP/s; the band does some multiplications by zero but at matmul speed.
+    003_9b8e0dca2bc08eb5.txt), its width taps done inside the product. For few input
+    channels XLA's convolution runs that correlation at about 20 GFLOP/s; the band does some
+    multiplications by zero but at matmul speed.
     """
     rank = dy.ndim - 2
     *kernel, inputs, outputs = w.shape
@@ -157,11 +158,6 @@ def _stacked_tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry, axis:
     return jnp.stack([window for _, window in _tap_windows(x, kernel, geometry)], axis=axis)
 
 
-def _plus_bias(y, b):
-    """y + b over the last (channel) axis; y itself when b is None."""
-    return y if b is None else y + lax.broadcast_in_dim(b, y.shape, (y.ndim - 1,))
-
-
 def _summed_tap_products(x, w, b, geometry: ConvGeometry):
     """y `(batch, *out, out_ch)` as one product per kernel tap k, summed:
     y[n, o, :] = sum_k x_pad[n, o * s + k * d, :] @ w[k] + b (groups == 1).
@@ -174,7 +170,7 @@ def _summed_tap_products(x, w, b, geometry: ConvGeometry):
     for tap, window in _tap_windows(x, w.shape[:rank], geometry):
         product = lax.dot_general(window, w[tap], (((rank + 1,), (0,)), ((), ())))
         total = product if total is None else total + product
-    return _plus_bias(total, b)
+    return plus_bias(total, b)
 
 
 def _stored(y):
@@ -206,7 +202,7 @@ def _forward_by_tap_matmul(x, w, b, geometry: ConvGeometry):
     rank = x.ndim - 2
     windows = _stacked_tap_windows(x, w.shape[:rank], geometry, axis=-2)
     kernel = w.reshape(-1, *w.shape[-2:])
-    return _plus_bias(lax.dot_general(windows, kernel, (((rank + 1, rank + 2), (0, 1)), ((), ()))),
+    return plus_bias(lax.dot_general(windows, kernel, (((rank + 1, rank + 2), (0, 1)), ((), ()))),
                       b)
 
 

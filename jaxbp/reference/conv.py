@@ -88,6 +88,11 @@ def conv_geometry(layer: str, rank: Optional[int], x, w, b, stride, padding, dil
     return ConvGeometry(strides, pads, dilations, groups)
 
 
+def plus_bias(y, b):
+    """y + b over the last (channel) axis; y itself when b is None."""
+    return y if b is None else y + lax.broadcast_in_dim(b, y.shape, (y.ndim - 1,))
+
+
 def conv_forward(x, w, b, geometry: ConvGeometry):
     """`y[n, o, co] = sum_{k, c} x_pad[n, o * stride + k * dilation, c] w[k, c, co] + b[co]`
     (the channels `c` restricted to the group of `co`)."""
@@ -95,7 +100,7 @@ def conv_forward(x, w, b, geometry: ConvGeometry):
         x, w, window_strides=geometry.strides, padding=geometry.pads,
         rhs_dilation=geometry.dilation, dimension_numbers=channels_last_numbers(x.ndim - 2),
         feature_group_count=geometry.groups)
-    return y if b is None else y + lax.broadcast_in_dim(b, y.shape, (y.ndim - 1,))
+    return plus_bias(y, b)
 
 
 def conv(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
