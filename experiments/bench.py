@@ -11,7 +11,7 @@ the candidates take turns in repeated rounds (the order rotating each round) and
 candidate's median step time is reported:
 
   hand      jaxbp's hand-derived rules, exactly as `jaxbp train` runs a step
-            (`jaxbp.train.make_train_step`, ops=HAND) under jaxbp's runtime defaults.
+            (`jaxbp.app.train.make_train_step`, ops=HAND) under jaxbp's runtime defaults.
   autodiff  the same step with the ops swapped for `jaxbp.reference` (jax.grad through the
             plain twins), same process, same settings.
   tuned     autodiff as the issue's "tuned" column ran it: the same, except that max pooling
@@ -106,52 +106,27 @@ def machine_load(window: float = 1.0) -> dict:
 
 # ---------------------------------------------------------------- model FLOPs
 
-def _conv_macs(layer: dict, in_shape, out_shape) -> int:
-    rank = len(in_shape) - 1
-    kernel = layer["kernel"]
-    kernel = [kernel] * rank if isinstance(kernel, int) else list(kernel)
-    taps = 1
-    for k in kernel:
-        taps *= k
-    positions = 1
-    for n in out_shape[:-1]:
-        positions *= n
-    return positions * out_shape[-1] * taps * in_shape[-1] // layer["groups"]
-
-
-def step_flops(model, layers: List[dict]) -> int:
+def step_flops(model) -> int:
     """FLOPs of one example's step: 2 x (forward MACs + input-delta MACs + weight-gradient
-    MACs) over the conv and dense layers; the first of them computes no input delta."""
-    total, first, shape = 0, True, model.input_shape
-    for layer, row in zip(layers, model.summary):
-        macs = 0
-        if layer["type"] == "conv":
-            macs = _conv_macs(layer, shape, row.output_shape)
-        elif layer["type"] == "dense":
-            macs = shape[0] * layer["features"]
+    MACs), each layer's forward MACs from its registration (`flops`; layers without one
+    count nothing); the first counted layer computes no input delta."""
+    from jaxbp import registry
+    total, first = 0, True
+    for row in model.summary:
+        count = registry.get(row.type).flops
+        macs = count(row.input_shape, row.output_shape, row.param_shapes) if count else 0
         if macs:
             total += macs * (2 if first else 3)
             first = False
-        shape = row.output_shape
     return 2 * total
 
 
 # ---------------------------------------------------------------- JAX candidates
 
 def residual_bytes(model, ops, params, images, labels) -> int:
-    """Bytes of the arrays the backward keeps: leaves of the `jax.vjp` closure of the loss
-    that are neither parameters nor inputs (counted once each)."""
-    import jax
-    closed = jax.make_jaxpr(lambda p, x, y: jax.vjp(
-        lambda q: model.loss(q, x, y, ops=ops), p)[1])(params, images, labels)
-    inputs = set(closed.jaxpr.invars)
-    seen, total = set(), 0
-    for var in closed.jaxpr.outvars:
-        if hasattr(var, "val") or var in inputs or var in seen:  # literals, inputs
-            continue
-        seen.add(var)
-        total += var.aval.size * var.aval.dtype.itemsize
-    return total
+    """Bytes of the arrays the backward of the loss keeps beyond parameters and inputs."""
+    from jaxbp.testing import residual_bytes as saved_bytes
+    return saved_bytes(lambda p, x, y: model.loss(p, x, y, ops=ops)[0], params, images, labels)
 
 
 def reshape_max_pool(x, window, *, stride=None, padding="VALID"):
@@ -172,26 +147,27 @@ def reshape_max_pool(x, window, *, stride=None, padding="VALID"):
 
 
 def tuned_reference_ops():
-    """`jaxbp.nn.REFERENCE` with `reshape_max_pool`."""
-    import dataclasses
-    from jaxbp.nn import REFERENCE
-    return dataclasses.replace(REFERENCE, name="reference-reshape-pool",
-                               max_pool=reshape_max_pool)
+    """`jaxbp.registry.REFERENCE` with `reshape_max_pool`."""
+    from jaxbp.registry import REFERENCE
+    return REFERENCE.replace("reference-reshape-pool", max_pool=reshape_max_pool)
 
 
 def check_same_gradients(model, ops, baseline, params, images, labels) -> None:
-    """Raises unless `ops` gives `baseline`'s loss and gradients: each leaf within 1e-3 of its
-    largest entry (float32 sums over a batch of 1024 differ by ~1e-4 with the order)."""
+    """Raises unless `ops` gives `baseline`'s loss and gradients on the first 8 examples in
+    float64, within `jaxbp.testing`'s tolerance (the one `jaxbp check` uses)."""
     import jax
-    import numpy as np
-    got, want = (jax.jit(jax.value_and_grad(functools.partial(model.loss, ops=o)))(
-        params, images, labels) for o in (ops, baseline))
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        scale = float(np.max(np.abs(b))) or 1.0
-        error = float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale
-        if error > 1e-3:
-            raise AssertionError(f"{ops.name} disagrees with {baseline.name}: a leaf of shape "
-                                 f"{np.shape(b)} differs by {error:.1e} of its largest entry")
+    import jax.numpy as jnp
+    from jaxbp.testing import relative_error, tolerance
+    with jax.enable_x64(True):
+        wide = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x = jnp.asarray(images[:8], jnp.float64)
+        got, want = (jax.jit(jax.value_and_grad(
+            lambda p, o=o: model.loss(p, x, labels[:8], ops=o)[0]))(wide) for o in (ops, baseline))
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            error = relative_error(a, b)
+            if error > tolerance(jnp.float64):
+                raise AssertionError(f"{ops.name} disagrees with {baseline.name}: a leaf of "
+                                     f"shape {jnp.shape(b)} has relative error {error:.1e}")
 
 
 class JaxCandidate:
@@ -200,19 +176,19 @@ class JaxCandidate:
     def __init__(self, model, ops, lr: float, images, labels):
         import jax.numpy as jnp
         import optax
-        from jaxbp import train
+        from jaxbp.app import experiment, steps
         optimizer = optax.sgd(lr)
-        self._train, self.images, self.labels = train, images, labels
-        self.state = train.initial_state(model, optimizer, 0, jnp.float32)
+        self._steps, self.images, self.labels = steps, images, labels
+        self.state = experiment.initial_state(model, optimizer, 0, jnp.float32)
         self.residuals = residual_bytes(model, ops, self.state.params, images, labels)
-        step = train.make_train_step(model, optimizer, jnp.float32, ops)
-        self.step = step.lower(self.state, train.zero_totals(jnp.float32), images,
+        step = steps.make_train_step(model, optimizer, jnp.float32, ops)
+        self.step = step.lower(self.state, steps.zero_totals(jnp.float32), images,
                                labels).compile()
 
     def run(self) -> float:
         import jax
         import jax.numpy as jnp
-        totals = self._train.zero_totals(jnp.float32)
+        totals = self._steps.zero_totals(jnp.float32)
         jax.block_until_ready(totals)
         start = time.perf_counter()
         self.state, totals = self.step(self.state, totals, self.images, self.labels)
@@ -241,56 +217,20 @@ class MatmulCandidate:
 
 # ---------------------------------------------------------------- PyTorch twin
 
-class Unsupported(Exception):
-    pass
-
-
-def _torch_padding(layer: dict, rank: int):
-    padding, stride = layer["padding"], layer.get("stride") or 1
-    if padding == "VALID":
-        return 0
-    if padding == "SAME" and stride in (1, [1] * rank):
-        return "same"
-    if isinstance(padding, int):
-        return padding
-    if isinstance(padding, (list, tuple)) and all(lo == hi for lo, hi in padding):
-        return tuple(lo for lo, _ in padding)
-    raise Unsupported(f"padding {padding!r} with stride {stride!r}")
-
-
-def torch_net(torch, layers: List[dict], input_shape, loss_name: str, num_classes: int):
-    """The config's network in PyTorch (NCHW) and its loss(out, labels)."""
-    nn = torch.nn
-    rank = len(input_shape) - 1
-    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
-    max_pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[rank]
-    avg_pool = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[rank]
-    modules, channels = [], input_shape[-1]
-    for layer in layers:
-        kind = layer["type"]
-        if kind == "conv":
-            modules.append(conv(channels, layer["features"], layer["kernel"], layer["stride"],
-                                _torch_padding(layer, rank), layer["dilation"],
-                                layer["groups"], bias=layer["use_bias"]))
-            channels = layer["features"]
-        elif kind in ("max_pool", "avg_pool"):
-            if layer["padding"] != "VALID":
-                raise Unsupported(f"{kind} padding {layer['padding']!r}")
-            pool = max_pool if kind == "max_pool" else avg_pool
-            modules.append(pool(layer["window"], layer["stride"]))
-        elif kind == "flatten":
-            modules.append(nn.Flatten())
-        elif kind == "dense":
-            modules.append(nn.LazyLinear(layer["features"], bias=layer["use_bias"]))
-        elif kind in ("relu", "sigmoid", "tanh", "softmax"):
-            modules.append({"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
-                            "softmax": lambda: nn.Softmax(-1)}[kind]())
-        elif kind == "leaky_relu":
-            modules.append(nn.LeakyReLU(layer["negative_slope"]))
-        else:
-            raise Unsupported(f"layer type {kind}")
-    net = nn.Sequential(*modules)
-    if loss_name == "quadratic":
+def torch_net(torch, model, layers, loss_name: str, num_classes: int):
+    """The config's network in PyTorch (NCHW), each layer from its registered twin
+    (`jaxbp.torch_twins`), and its loss(out, labels)."""
+    from jaxbp import registry
+    from jaxbp.torch_twins import Unsupported
+    modules = []
+    for row, item in zip(model.summary, layers):
+        hyper = {k: v for k, v in item.items() if k != "type"}
+        module = registry.get(row.type).torch_module(torch, row.input_shape, hyper)
+        if module is None:
+            raise Unsupported(f"layer type {row.type}")
+        modules.append(module)
+    net = torch.nn.Sequential(*modules)
+    if registry.get(loss_name, "loss").targets == "one_hot":
         def loss(out, labels):
             target = torch.nn.functional.one_hot(labels, num_classes).to(out.dtype)
             return 0.5 * ((out - target) ** 2).sum() / out.shape[0]
@@ -307,18 +247,17 @@ def torch_device(torch) -> str:
 
 
 class TorchCandidate:
-    def __init__(self, torch, cfg: dict, model, batch: int, device: str = "cpu"):
+    def __init__(self, torch, cfg, model, batch: int, device: str = "cpu"):
         self.torch = torch
         shape = model.input_shape
-        self.net, self.loss = torch_net(torch, cfg["model"]["layers"], shape, cfg["loss"],
+        self.net, self.loss = torch_net(torch, model, cfg.model.layers, cfg.loss,
                                         model.num_classes)
         generator = torch.Generator().manual_seed(0)
         x = torch.randn((batch, shape[-1], *shape[:-1]), generator=generator)
         y = torch.randint(0, model.num_classes, (batch,), generator=generator)
-        self.net(x)  # materialises the lazy dense layers, on the CPU
         self.net.to(device)
         self.x, self.y = x.to(device), y.to(device)
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg["optimizer"]["learning_rate"])
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg.optimizer.learning_rate)
         self.residuals = self._saved_bytes()
 
     def _saved_bytes(self) -> int:
@@ -402,8 +341,8 @@ def setup_jax_case(name: str, batch: int):
     """(cfg, model, images, labels) for a config name or path."""
     import jax
     import numpy as np
-    from jaxbp.config import load_config
-    from jaxbp.train import build
+    from jaxbp.app.config import load_config
+    from jaxbp.app.experiment import build
     path = name if name.endswith((".yaml", ".yml")) else os.path.join(REPO, "configs",
                                                                       f"{name}.yaml")
     cfg = load_config(path, [])
@@ -415,9 +354,10 @@ def setup_jax_case(name: str, batch: int):
 
 
 def measure_case(name: str, batch: int, args, torch, include_torch: bool) -> dict:
-    from jaxbp.nn import HAND, REFERENCE
+    from jaxbp.registry import HAND, REFERENCE
+    from jaxbp.torch_twins import Unsupported
     cfg, model, images, labels = setup_jax_case(name, batch)
-    lr = cfg["optimizer"]["learning_rate"]
+    lr = cfg.optimizer.learning_rate
     candidates, notes = {}, []
     start = time.perf_counter()
     candidates["hand"] = JaxCandidate(model, HAND, lr, images, labels)
@@ -436,8 +376,7 @@ def measure_case(name: str, batch: int, args, torch, include_torch: bool) -> dic
     if not args.child:
         candidates["matmul"] = args.matmul
     times = time_rounds(candidates, args.rounds, args.warmup)
-    result = {"model": name, "batch": batch, "flops_per_step": step_flops(
-        model, cfg["model"]["layers"]) * batch, "compile_s": round(compile_s, 1),
+    result = {"model": name, "batch": batch, "flops_per_step": step_flops(model) * batch, "compile_s": round(compile_s, 1),
         "notes": notes, "candidates": {}}
     for cand_name, ts in times.items():
         entry = summary(ts)

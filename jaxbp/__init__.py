@@ -1,10 +1,14 @@
 """jaxbp: CNN layers with hand-derived backward passes, proven against jax.grad.
 
 `jaxbp.layers` and `jaxbp.losses` carry `jax.custom_vjp` rules written from the
-derivations; `jaxbp.reference` holds their plain twins, differentiated by JAX,
-which serve as the oracle.
+derivations (`jaxbp/layers/DERIVATIONS.md`); `jaxbp.reference` holds their plain twins,
+differentiated by JAX, which serve as the oracle. Every layer and loss is registered once
+(`jaxbp.registry`; the built-in ones in `jaxbp.builtins`): `register_layer` adds your own,
+and `jaxbp.nn`, the experiment configs, `jaxbp check` and the benchmark then know it.
 """
 from jaxbp import layers, losses, reference
+from jaxbp import builtins  # noqa: F401  (registers the built-in primitives)
+from jaxbp.registry import register_layer, register_loss
 
 __version__ = "0.1.0"
-__all__ = ["layers", "losses", "reference"]
+__all__ = ["layers", "losses", "reference", "register_layer", "register_loss"]

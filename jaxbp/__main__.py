@@ -1,5 +1,5 @@
 """`python -m jaxbp`: the same command as the `jaxbp` console script."""
-from jaxbp.cli import main
+from jaxbp.app.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

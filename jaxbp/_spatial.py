@@ -58,15 +58,16 @@ def spatial_tuple(layer: str, name: str, value: IntOrTuple, rank: int,
 
 def resolve_padding(layer: str, padding: Padding, in_sizes: Sequence[int],
                     windows: Sequence[int], strides: Sequence[int]) -> Pairs:
-    """Turns "VALID", "SAME" or explicit pairs into one `(low, high)` pair per axis.
+    """Turns "VALID", "SAME", an int or explicit pairs into one `(low, high)` pair per axis.
 
     "SAME" follows XLA/TensorFlow: output size `ceil(in / stride)`, the extra
-    padding going to the high side. `windows` are the effective (dilated) window
-    sizes.
+    padding going to the high side. An int p is p on both sides of every axis
+    (PyTorch's `padding=p`). `windows` are the effective (dilated) window sizes.
 
     Args:
       layer: layer name used in the error message.
-      padding: "VALID", "SAME" (any case) or a sequence of `(low, high)` int pairs.
+      padding: "VALID", "SAME" (any case), an int >= 0 or a sequence of `(low, high)`
+        int pairs.
       in_sizes: spatial sizes of the input.
       windows: effective window size per axis, `(k - 1) * dilation + 1`.
       strides: stride per axis.
@@ -86,16 +87,20 @@ def resolve_padding(layer: str, padding: Padding, in_sizes: Sequence[int],
                 total = max((out - 1) * stride + window - size, 0)
                 pairs.append((total // 2, total - total // 2))
             return tuple(pairs)
-        raise fail(layer, f'padding must be "VALID", "SAME" or {rank} (low, high) pairs, '
-                          f"got {padding!r}")
+        raise fail(layer, f'padding must be "VALID", "SAME", an int or {rank} (low, high) '
+                          f"pairs, got {padding!r}")
+    if _is_int(padding):
+        if padding < 0:
+            raise fail(layer, f"padding must be >= 0, got {padding!r}")
+        return ((int(padding), int(padding)),) * rank
     try:
         pairs = tuple(tuple(p) for p in padding)
     except TypeError:
         pairs = ()
     if (len(pairs) != rank or any(len(p) != 2 for p in pairs)
             or not all(_is_int(v) and v >= 0 for p in pairs for v in p)):
-        raise fail(layer, f'padding must be "VALID", "SAME" or {rank} (low, high) pairs of '
-                          f"ints >= 0, got {padding!r}")
+        raise fail(layer, f'padding must be "VALID", "SAME", an int or {rank} (low, high) '
+                          f"pairs of ints >= 0, got {padding!r}")
     return tuple((int(lo), int(hi)) for lo, hi in pairs)
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxbp.config import (ConfigError, apply_override, dump_config, load_config, validate_config)
-from jaxbp.optim import make_optimizer, make_schedule
+from jaxbp.app.config import (ConfigError, apply_override, dump_config, load_config, validate_config,
+                              validate_optimizer)
+from jaxbp.app.optim import make_optimizer, make_schedule
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
@@ -173,7 +174,7 @@ OVERRIDES = [
 def test_override_is_typed(override, path, expected, tmp_path):
     config_path = tmp_path / "c.yaml"
     config_path.write_text(dump_config(BASE))
-    node = load_config(config_path, [override])
+    node = load_config(config_path, [override]).to_dict()
     for key in path:
         node = node[key]
     assert node == expected and type(node) is type(expected)
@@ -232,8 +233,8 @@ OPTIMIZERS = ["sgd", "momentum", "nesterov", "adam", "adamw"]
 @uses_optax
 def test_every_optimizer_and_schedule_steps(name, schedule):
     params = {"w": jnp.ones((3,), jnp.float32)}
-    opt = make_optimizer({"name": name, "learning_rate": 0.1, "schedule": schedule},
-                         steps_per_epoch=4, epochs=3)
+    opt = make_optimizer(validate_optimizer(
+        {"name": name, "learning_rate": 0.1, "schedule": schedule}, 3), steps_per_epoch=4, epochs=3)
     state = opt.init(params)
     for _ in range(3):
         updates, state = opt.update({"w": jnp.ones((3,), jnp.float32)}, state, params)
@@ -243,8 +244,8 @@ def test_every_optimizer_and_schedule_steps(name, schedule):
 
 
 def _lr(schedule, step, steps_per_epoch=10, epochs=4):
-    fn = make_schedule({"name": "sgd", "learning_rate": 0.2, "schedule": schedule},
-                       steps_per_epoch, epochs)
+    opt = validate_optimizer({"name": "sgd", "learning_rate": 0.2, "schedule": schedule}, epochs)
+    fn = make_schedule(opt, steps_per_epoch, epochs)
     return float(fn(step))
 
 
@@ -270,7 +271,7 @@ def test_schedule_lengths_are_in_epochs(schedule, step, expected):
 
 def _updates(opt_cfg, grads):
     """Updates of successive steps on a scalar parameter 1.0 for the given gradients."""
-    opt = make_optimizer(opt_cfg, steps_per_epoch=10, epochs=1)
+    opt = make_optimizer(validate_optimizer(opt_cfg, 1), steps_per_epoch=10, epochs=1)
     params = jnp.ones((), jnp.float64)
     state, out = opt.init(params), []
     for g in grads:
@@ -295,17 +296,18 @@ def test_optimizer_hyperparameters_reach_optax():
                     [0.0]) == pytest.approx([-0.05])
 
 
-def test_make_optimizer_validates_its_section():
+def test_optimizer_section_is_validated():
     with pytest.raises(ConfigError, match="optimizer.name.*'adam'"):
-        make_optimizer({"name": "adma", "learning_rate": 0.1}, 10, 1)
+        validate_optimizer({"name": "adma", "learning_rate": 0.1}, 1)
     with pytest.raises(ConfigError, match="optimizer.schedule.warmup_epochs"):
-        make_optimizer({"name": "sgd", "learning_rate": 0.1,
-                        "schedule": {"name": "warmup_cosine", "warmup_epochs": 2}}, 10, 2)
+        validate_optimizer({"name": "sgd", "learning_rate": 0.1,
+                            "schedule": {"name": "warmup_cosine", "warmup_epochs": 2}}, 2)
 
 
 @uses_optax
 def test_jit_of_a_scheduled_update():
-    opt = make_optimizer({"name": "adam", "learning_rate": 0.1, "schedule": "cosine"}, 5, 2)
+    opt = make_optimizer(validate_optimizer(
+        {"name": "adam", "learning_rate": 0.1, "schedule": "cosine"}, 2), 5, 2)
     params = np.ones(2, np.float32)
     step = jax.jit(lambda s, p: opt.update(jnp.ones(2, jnp.float32), s, p))
     updates, _ = step(opt.init(params), params)

@@ -1,4 +1,4 @@
-"""Tests of jaxbp.data: idx parsing, TFDS preparation, loading, normalisation, batching.
+"""Tests of jaxbp.app.data: idx parsing, TFDS preparation, loading, normalisation, batching.
 
 Every test runs with outgoing connections refused, so any network access
 by the pipeline (or TFDS under it) fails the test instead of stalling it.
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from idx_fixtures import encode_idx, read_written, write_bytes, write_idx_dataset
-from jaxbp import data
-from jaxbp.data import builders, idx
-from jaxbp.data.batching import epoch_order
+from jaxbp.app import data
+from jaxbp.app.data import builders, idx
+from jaxbp.app.data.batching import epoch_order
 
 REAL_FASHION = "/usr/share/datasets/fashion-mnist"
 
@@ -23,7 +23,7 @@ REAL_FASHION = "/usr/share/datasets/fashion-mnist"
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
-        raise AssertionError(f"jaxbp.data tried to open a network connection {args}")
+        raise AssertionError(f"jaxbp.app.data tried to open a network connection {args}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
@@ -228,7 +228,7 @@ def test_mnist_needs_a_folder(tmp_path):
 
 
 def test_fashion_mnist_defaults_to_debian_folder():
-    from jaxbp.data.loading import source_dir
+    from jaxbp.app.data.loading import source_dir
     assert source_dir({"name": "fashion_mnist"}, "fashion_mnist") == REAL_FASHION
 
 
@@ -369,7 +369,7 @@ def test_mnist1d_shapes(mnist1d_cfg):
 
 
 def test_mnist1d_cached_once(mnist1d_cfg, monkeypatch):
-    from jaxbp.data import mnist1d
+    from jaxbp.app.data import mnist1d
     path = data.prepare(mnist1d_cfg)
     assert os.path.isfile(path) and path.endswith(".npz")
     monkeypatch.setattr(mnist1d, "generate", lambda: pytest.fail("MNIST-1D generated twice"))
@@ -379,7 +379,7 @@ def test_mnist1d_cached_once(mnist1d_cfg, monkeypatch):
 
 
 def test_mnist1d_generation_leaves_global_random_state_alone(monkeypatch):
-    from jaxbp.data import mnist1d
+    from jaxbp.app.data import mnist1d
     from mnist1d import data as upstream
 
     def tiny(args):  # the real generator's side effect, without its cost

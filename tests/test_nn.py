@@ -9,26 +9,30 @@ import numpy as np
 import pytest
 
 from gradcheck import TOLERANCE, relative_error
-from jaxbp import data, layers, reference
-from jaxbp.config import KERNEL_INITIALIZERS, LAYERS, ConfigError, load_config, tagged
-from jaxbp.nn import (HAND, REFERENCE, Conv, Dense, Flatten, MaxPool, Relu, build_model,
-                      format_summary, initializer, serial)
-
-SCHEMA_INIT = tagged("name", KERNEL_INITIALIZERS, "initialiser", shorthand=True)
+from jaxbp import layers, reference, registry
+from jaxbp.app import data
+from jaxbp.app.config import ConfigError, load_config, validate_model
+from jaxbp.app.model import build_model, format_summary
+from jaxbp.initializers import KERNEL_INIT, KERNEL_INITIALIZERS
+from jaxbp.nn import HAND, REFERENCE, Conv, Dense, Flatten, MaxPool, Relu, initializer, serial
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 
 
 def _build(cfg, input_shape=None, num_classes=None):
-    name = cfg["data"]["name"]
-    return build_model(cfg["model"], cfg["loss"], input_shape or data.input_shape(name),
+    name = cfg.data.name
+    return build_model(cfg.model, cfg.loss, input_shape or data.input_shape(name),
                        num_classes or data.num_classes(name))
+
+
+def _model(model_cfg, loss, input_shape, num_classes):
+    return build_model(validate_model(model_cfg, loss), loss, input_shape, num_classes)
 
 
 def _layers_model(layer_cfgs, loss="softmax_cross_entropy", input_shape=(28, 28, 1),
                   num_classes=10):
-    return build_model({"layers": layer_cfgs}, loss, input_shape, num_classes)
+    return _model({"layers": layer_cfgs}, loss, input_shape, num_classes)
 
 
 def _build_error(layer_cfgs, **kwargs) -> str:
@@ -72,11 +76,11 @@ def test_shipped_config_builds_and_runs_hand_and_reference_alike(path):
     @jax.jit
     def run(params, x, labels):
         return {ops.name: (model.apply(params, x, ops),
-                           jax.value_and_grad(model.loss)(params, x, labels, ops))
+                           jax.value_and_grad(model.loss, has_aux=True)(params, x, labels, ops))
                 for ops in (HAND, REFERENCE)}
 
     results = run(params, x, labels)
-    (hand_out, (hand_loss, hand_grads)), (ref_out, (ref_loss, ref_grads)) = (
+    (hand_out, ((hand_loss, _), hand_grads)), (ref_out, ((ref_loss, _), ref_grads)) = (
         results["hand"], results["reference"])
     assert hand_out.shape == (2, 10)
     assert relative_error(hand_out, ref_out) <= 1e-12
@@ -98,10 +102,14 @@ def test_hand_ops_run_the_custom_rules_and_reference_ops_do_not():
     assert "custom_vjp_call" not in jaxpr(REFERENCE)
 
 
-def test_ops_namespaces_hold_the_two_sets_of_primitives():
-    assert HAND.conv is layers.conv and REFERENCE.conv is reference.conv
-    assert REFERENCE.quadratic is reference.quadratic and HAND.quadratic is not reference.quadratic
+def test_ops_pick_the_hand_rule_or_the_twin_of_each_primitive():
+    conv, quadratic = registry.get("conv"), registry.get("quadratic", "loss")
+    assert HAND.of(conv) is layers.conv and REFERENCE.of(conv) is reference.conv
+    assert REFERENCE.of(quadratic) is reference.quadratic
+    assert HAND.of(quadratic) is not reference.quadratic
     assert {HAND: 1, REFERENCE: 2}[HAND] == 1  # hashable: usable as a static jit argument
+    swapped = REFERENCE.replace("mine", conv=layers.conv)
+    assert swapped.of(conv) is layers.conv and swapped.of(quadratic) is reference.quadratic
 
 
 def test_init_dtype_and_jit_with_static_ops():
@@ -110,7 +118,7 @@ def test_init_dtype_and_jit_with_static_ops():
     params = model.init(_key())
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
     x, labels = _batch(model, jnp.float32)
-    loss = jax.jit(model.loss, static_argnames="ops")(params, x, labels, ops=HAND)
+    loss, _ = jax.jit(model.loss, static_argnames="ops")(params, x, labels, ops=HAND)
     assert loss.dtype == jnp.float32 and loss.shape == ()
 
 
@@ -122,7 +130,9 @@ def test_quadratic_loss_uses_one_hot_targets():
     x, labels = _batch(model, jnp.float64, batch=3)
     out = np.asarray(model.apply(params, x))
     expected = 0.5 * np.sum((out - np.eye(3)[np.asarray(labels)]) ** 2) / 3
-    assert float(model.loss(params, x, labels)) == pytest.approx(expected, rel=1e-12)
+    loss, outputs = model.loss(params, x, labels)
+    assert float(loss) == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_array_equal(outputs, out)
 
 
 def test_input_shape_reshapes_examples():
@@ -130,7 +140,7 @@ def test_input_shape_reshapes_examples():
                            {"type": "flatten"}, {"type": "dense", "features": 10}],
                           input_shape=(5, 5, 1))
     assert model.summary[0].output_shape == (1, 1, 2)
-    flat = build_model({"input_shape": [25, 1], "layers": [
+    flat = _model({"input_shape": [25, 1], "layers": [
         {"type": "conv", "features": 2, "kernel": 5, "stride": 5}, {"type": "flatten"},
         {"type": "dense", "features": 10}]}, "softmax_cross_entropy", (5, 5, 1), 10)
     assert flat.input_shape == (25, 1) and flat.summary[0].output_shape == (5, 2)
@@ -206,9 +216,9 @@ def test_build_errors_name_the_layer(layer_cfgs, expected):
 
 def test_input_shape_of_another_size_is_rejected():
     with pytest.raises(ConfigError, match=r"^model.input_shape: \[100\] holds 100 values"):
-        build_model({"input_shape": [100], "layers": [{"type": "flatten"},
-                                                      {"type": "dense", "features": 10}]},
-                    "quadratic", (28, 28, 1), 10)
+        _model({"input_shape": [100], "layers": [{"type": "flatten"},
+                                                 {"type": "dense", "features": 10}]},
+               "quadratic", (28, 28, 1), 10)
 
 
 def test_stax_style_layers_compose_directly():
@@ -259,7 +269,8 @@ def test_every_layer_type_builds_and_runs_alike_through_both_ops():
         {"type": "sigmoid"},
         {"type": "softmax"},
     ]
-    assert {c["type"] for c in layer_cfgs} == set(LAYERS)
+    builtin = {n for n in registry.layer_names() if registry.get(n).module == "jaxbp.builtins"}
+    assert {c["type"] for c in layer_cfgs} == builtin
     model = _layers_model(layer_cfgs, loss="quadratic", input_shape=(5, 5, 2), num_classes=3)
     assert [r.output_shape for r in model.summary[:6]] == [
         (5, 5, 4), (5, 5, 4), (4, 4, 4), (4, 4, 2), (4, 4, 2), (2, 2, 2)]
@@ -271,6 +282,6 @@ def test_every_layer_type_builds_and_runs_alike_through_both_ops():
 
 @pytest.mark.parametrize("name", sorted(KERNEL_INITIALIZERS))
 def test_every_configurable_initialiser_exists(name):
-    spec = SCHEMA_INIT.fn("init", name)
+    spec = KERNEL_INIT.fn("init", name)
     out = jax.eval_shape(lambda k: initializer(spec)(k, (3, 4), jnp.float32), _key())
     assert out.shape == (3, 4) and out.dtype == jnp.float32

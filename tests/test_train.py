@@ -1,6 +1,6 @@
 """End-to-end training through the CLI on tiny idx fixtures: reports, checkpoints, resume, NaN.
 
-Runs go through `jaxbp.cli.main` in-process, except one `python3 -m jaxbp` that
+Runs go through `jaxbp.app.cli.main` in-process, except one `python3 -m jaxbp` that
 is killed with SIGKILL mid-run and then resumed. Module-scoped fixtures share
 the few uninterrupted runs the tests compare against.
 """
@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from idx_fixtures import write_idx_dataset
-from jaxbp import checkpoint, report
-from jaxbp.cli import main
-from jaxbp.config import load_config
-from jaxbp.train import build, use_precision
+from jaxbp.app import checkpoint, report
+from jaxbp.app.cli import main
+from jaxbp.app.config import load_config
+from jaxbp.app.train import build, use_precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,7 +87,7 @@ def copy_run(run_dir: str, tmp_path) -> str:
 def final_params(run_dir: str, config: str):
     """The newest checkpoint's parameters, restored into the config's model structure."""
     cfg = load_config(config)
-    model, dtype = build(cfg), use_precision(cfg["train"]["precision"])
+    model, dtype = build(cfg), use_precision(cfg.train.precision)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dtype=dtype))
     return checkpoint.restore(run_dir, checkpoint.latest_epoch(run_dir), abstract).params
 

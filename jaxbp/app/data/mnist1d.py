@@ -11,7 +11,7 @@ import random
 
 import numpy as np
 
-from jaxbp.data.errors import DataError
+from jaxbp.app.data.errors import DataError
 
 SEQUENCE_LENGTH = 40
 _KEYS = {"train": ("x", "y"), "test": ("x_test", "y_test")}

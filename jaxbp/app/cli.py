@@ -24,12 +24,14 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from jaxbp import data, runtime
-from jaxbp.check import run_check
-from jaxbp.checkpoint import CHECKPOINT_DIR
-from jaxbp.config import SCHEMA, ConfigError, apply_override, load_config
-from jaxbp.data import DataError
-from jaxbp.train import NonFiniteLoss, RunError, evaluate_checkpoint, train
+from jaxbp import runtime
+from jaxbp.app import data
+from jaxbp.app.check import run_check
+from jaxbp.app.checkpoint import CHECKPOINT_DIR
+from jaxbp.app.config import DATA, ConfigError, apply_override, load_config
+from jaxbp.app.data import DataError
+from jaxbp.schema import check_mapping
+from jaxbp.app.train import NonFiniteLoss, RunError, evaluate_checkpoint, train
 
 EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -112,7 +114,7 @@ def data_config(name: str, overrides: Sequence[str]) -> dict:
         if not override.strip().startswith("data."):
             raise ConfigError(f"--set: `data prepare` only takes data.* keys, got {override!r}")
         apply_override(raw, override)
-    return SCHEMA["data"].check.fn("data", raw["data"])
+    return check_mapping("data", raw["data"], DATA)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
-from jaxbp.data.idx import expected_file_names, find_dataset_files, read_split
+from jaxbp.app.data.idx import expected_file_names, find_dataset_files, read_split
 
 IMAGE_SHAPE = (28, 28)
 CLASSES = 10

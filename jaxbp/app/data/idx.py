@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from jaxbp.data.errors import DataError
+from jaxbp.app.data.errors import DataError
 
 # Type byte -> big-endian numpy dtype, as listed in the idx format description.
 _IDX_DTYPES = {

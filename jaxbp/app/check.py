@@ -3,47 +3,47 @@
 On the first training batch (epoch 1's order), the gradient of the loss with
 respect to every parameter is computed twice: through the hand-derived
 `custom_vjp` rules (`ops=HAND`) and by JAX differentiating the plain twins
-(`ops=REFERENCE`). Per parameter the relative error is
-max|hand - reference| / max|reference| (the absolute error where the reference
-is all zero), as in the layer tests; it must not exceed 1e-10 in float64 or 1e-4
-in float32.
+(`ops=REFERENCE`). Per parameter the error is `jaxbp.testing.relative_error`
+(max|hand - reference| / max|reference|, the absolute error where the reference is all
+zero) against `jaxbp.testing.TOLERANCE` (1e-10 in float64, 1e-4 in float32): the one
+error measure and tolerance of the layer tests, `check_rule` and the benchmark.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import data, nn
-from jaxbp.report import write_atomic
-from jaxbp.train import init_params, setup
+from jaxbp.app import data
+from jaxbp.app.experiment import init_params, setup
+from jaxbp.app.report import write_atomic
+from jaxbp.registry import HAND, REFERENCE
+from jaxbp.testing import TOLERANCE, relative_error
 
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 CHECK_FILE = "check.json"
 
 
 def compare(name: str, hand, reference, tolerance: float) -> dict:
     """One table row: the errors of `hand` against `reference`."""
     hand, reference = np.asarray(hand, np.float64), np.asarray(reference, np.float64)
-    abs_error = float(np.max(np.abs(hand - reference), initial=0.0))
-    scale = float(np.max(np.abs(reference), initial=0.0))
-    rel_error = abs_error / scale if scale > 0 else abs_error
-    return {"parameter": name, "shape": list(hand.shape), "max_abs_error": abs_error,
+    rel_error = relative_error(hand, reference)
+    return {"parameter": name, "shape": list(hand.shape),
+            "max_abs_error": float(np.max(np.abs(hand - reference), initial=0.0)),
             "max_rel_error": rel_error, "ok": bool(rel_error <= tolerance)}
 
 
 def gradient_check(model, params, images, labels, tolerance: float) -> dict:
     """Rows for the loss value and for every parameter's gradient, plus the overall verdict."""
     def loss_and_grad(ops):
-        return jax.jit(jax.value_and_grad(lambda p: model.loss(p, images, labels, ops=ops)))(params)
+        value_and_grad = jax.value_and_grad(lambda p: model.loss(p, images, labels, ops=ops)[0])
+        return jax.jit(value_and_grad)(params)
 
-    # Looked up at call time, so a test can swap in a deliberately broken rule.
-    hand_loss, hand_grads = loss_and_grad(nn.HAND)
-    ref_loss, ref_grads = loss_and_grad(nn.REFERENCE)
+    hand_loss, hand_grads = loss_and_grad(HAND)
+    ref_loss, ref_grads = loss_and_grad(REFERENCE)
     rows = [compare("(loss value)", hand_loss, ref_loss, tolerance)]
     named_hand = jax.tree_util.tree_flatten_with_path(hand_grads)[0]
     for (path, hand), ref in zip(named_hand, jax.tree_util.tree_leaves(ref_grads)):
@@ -65,13 +65,13 @@ def format_table(result: dict) -> str:
                       f"{result['precision']})"])
 
 
-def run_check(cfg: dict, out_dir: str, echo: Callable = print) -> dict:
+def run_check(cfg: Mapping, out_dir: str, echo: Callable = print) -> dict:
     """Checks the config's network on its first training batch; writes `out_dir`/check.json."""
-    precision = cfg["train"]["precision"]
+    precision = cfg.train.precision
     exp = setup(cfg, splits=("train",))
-    images, labels = next(iter(data.epoch_batches(exp.train, cfg["data"]["batch_size"],
-                                                  cfg["train"]["seed"], 1)))
-    params = init_params(exp.model, cfg["train"]["seed"], exp.dtype)
+    images, labels = next(iter(data.epoch_batches(exp.train, cfg.data.batch_size,
+                                                  cfg.train.seed, 1)))
+    params = init_params(exp.model, cfg.train.seed, exp.dtype)
     result = gradient_check(exp.model, params, jnp.asarray(images, exp.dtype),
                             jnp.asarray(labels), TOLERANCE[precision])
     result = {"precision": precision, "batch_size": len(labels), **result}

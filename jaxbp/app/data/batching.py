@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxbp.data.errors import DataError
+from jaxbp.app.data.errors import DataError
 
 
 def _check_count(what: str, value, minimum: int) -> None:
@@ -41,7 +41,7 @@ def epoch_batches(
     """Yield ``(images, labels)`` batches of one epoch over ``split``.
 
     Args:
-      split: a :class:`jaxbp.data.Split` (anything with ``images``/``labels``).
+      split: a :class:`jaxbp.app.data.Split` (anything with ``images``/``labels``).
       batch_size: examples per batch.
       seed, epoch: the permutation is a function of these two only.
       shuffle: False keeps the stored order (e.g. for evaluation).

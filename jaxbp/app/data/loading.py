@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxbp.data import builders, mnist1d
-from jaxbp.data.errors import DataError
+from jaxbp.app.data import builders, mnist1d
+from jaxbp.app.data.errors import DataError
 
 DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist", "mnist1d")
 NORMALIZE_MODES = ("standardize", "scale", "none")

@@ -1,0 +1,186 @@
+"""The network of a config's `model` section, with its loss: a `Model`.
+
+Each item of `model.layers` is a registered layer (`jaxbp.registry`) built by `jaxbp.nn.layer`
+from its `type` and hyperparameters; the loss is a registered loss. Every shape is checked
+here, before any data is seen: a layer that cannot take its input is a ConfigError naming it.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp import nn, registry
+from jaxbp._spatial import LayerArgumentError
+from jaxbp.registry import HAND
+from jaxbp.schema import REQUIRED, ConfigError
+
+Shape = Tuple[int, ...]
+
+
+class SummaryRow(NamedTuple):
+    """One line of a model summary; shapes are per example."""
+    index: int
+    type: str
+    layer: str            # type and the hyperparameters that differ from the defaults
+    input_shape: Shape
+    output_shape: Shape
+    param_shapes: Mapping[str, Shape]
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(shape) for shape in self.param_shapes.values())
+
+
+class Model(NamedTuple):
+    """A network with its loss.
+
+    init(rng, dtype=jnp.float32) -> params: a list with one dict per layer.
+    apply(params, x, ops=HAND) -> outputs `(batch, num_classes)`; x is
+      `(batch, *anything)` holding prod(input_shape) values per example.
+    loss(params, x, labels, ops=HAND) -> (scalar loss, outputs): the outputs come along
+      (`has_aux`) so a train step that needs them runs the forward once.
+    """
+    init: Callable
+    apply: Callable
+    loss: Callable
+    summary: Tuple[SummaryRow, ...]
+    input_shape: Shape
+    num_classes: int
+    loss_name: str
+
+
+def _plain(value: Any) -> Any:
+    """Sections and tuples as dicts and lists, for comparing and printing."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_default(key: str, value: Any, spec) -> bool:
+    if spec.default is REQUIRED:
+        return False
+    return _plain(value) == _plain(spec.check.fn(key, copy.deepcopy(spec.default)))
+
+
+def _format_value(value: Any) -> str:
+    value = _plain(value)
+    if isinstance(value, dict) and "name" in value:
+        args = ", ".join(f"{k}={v}" for k, v in value.items() if k != "name")
+        return f"{value['name']}({args})" if args else value["name"]
+    return str(value)
+
+
+def _describe(item: Mapping) -> str:
+    """'conv(features=6, kernel=5, padding=SAME)': the type and its non-default keys."""
+    schema = registry.get(item["type"]).hyperparameters
+    shown = [f"{k}={_format_value(v)}" for k, v in item.items()
+             if k != "type" and not _is_default(k, v, schema[k])]
+    return f"{item['type']}({', '.join(shown)})" if shown else item["type"]
+
+
+def _hyperparameters(item: Mapping) -> dict:
+    return {k: _plain(v) for k, v in item.items() if k != "type"}
+
+
+def _trace(layers: Sequence[nn.Layer], items: Sequence[Mapping], input_shape: Shape
+           ) -> Tuple[SummaryRow, ...]:
+    """Summary rows from abstract inits; a layer that rejects its input becomes a ConfigError."""
+    rows, shape = [], input_shape
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    for index, (layer, item) in enumerate(zip(layers, items)):
+        out = {}
+
+        def abstract_init(rng, layer=layer, shape=shape, out=out):
+            out["shape"], params = layer.init(rng, shape)
+            return params
+
+        try:
+            params = jax.eval_shape(abstract_init, key)
+        except LayerArgumentError as err:
+            raise ConfigError(f"model.layers[{index}] ({item['type']}): input of shape {shape}: "
+                              f"{err}") from None
+        rows.append(SummaryRow(index, item["type"], _describe(item), shape, out["shape"],
+                               {name: tuple(p.shape) for name, p in params.items()}))
+        shape = out["shape"]
+    return tuple(rows)
+
+
+def _model_input_shape(wanted, data_shape: Sequence[int]) -> Shape:
+    if wanted is None:
+        return tuple(data_shape)
+    if math.prod(wanted) != math.prod(data_shape):
+        raise ConfigError(f"model.input_shape: {list(wanted)} holds {math.prod(wanted)} values "
+                          f"but the data set's examples of shape {tuple(data_shape)} hold "
+                          f"{math.prod(data_shape)}")
+    return tuple(wanted)
+
+
+def _build_layer(index: int, item: Mapping) -> nn.Layer:
+    try:
+        return nn.layer(item["type"], **_hyperparameters(item))
+    except (ConfigError, LayerArgumentError) as err:  # values the schema let through
+        raise ConfigError(f"model.layers[{index}] ({item['type']}): {err}") from None
+
+
+def build_model(model_cfg: Mapping, loss_name: str, input_shape: Sequence[int],
+                num_classes: int) -> Model:
+    """Builds the network of a validated `model` section and checks every shape.
+
+    Args:
+      model_cfg: the `model` section of a validated config (`jaxbp.app.config`).
+      loss_name: a registered loss ("softmax_cross_entropy", "quadratic", ...).
+      input_shape: shape of one example of the data set (no batch axis).
+      num_classes: the data set's number of classes; the net must output that many.
+
+    Raises:
+      ConfigError: naming the layer that cannot take its input's shape
+        (`model.layers[3] (conv): ...`), or an output size that is not `num_classes`.
+    """
+    loss_rule = registry.get(loss_name, "loss")
+    shape = _model_input_shape(model_cfg["input_shape"], input_shape)
+    items = model_cfg["layers"]
+    layers = [_build_layer(i, item) for i, item in enumerate(items)]
+    summary = _trace(layers, items, shape)
+    last = summary[-1]
+    if last.output_shape != (num_classes,):
+        raise ConfigError(f"model.layers[{last.index}] ({last.type}): the network outputs "
+                          f"shape {last.output_shape} per example, but the data set has "
+                          f"{num_classes} classes; the last layer must output ({num_classes},)")
+    net = nn.serial(*layers)
+
+    # One compiled program instead of an eager dispatch (and compile) per initialiser op.
+    @functools.partial(jax.jit, static_argnames="dtype")
+    def init(rng, dtype=jnp.float32):
+        return net.init(rng, shape, dtype)[1]
+
+    def apply(params, x, ops=HAND):
+        return net.apply(params, jnp.reshape(x, (x.shape[0], *shape)), ops)
+
+    def loss(params, x, labels, ops=HAND):
+        out = apply(params, x, ops)
+        targets = labels
+        if loss_rule.targets == "one_hot":
+            targets = jax.nn.one_hot(labels, num_classes, dtype=out.dtype)
+        return ops.of(loss_rule)(out, targets), out
+
+    return Model(init, apply, loss, summary, shape, num_classes, loss_name)
+
+
+def format_summary(model: Model) -> str:
+    """The summary as an aligned text table, with the input row and the parameter total."""
+    rows = [("#", "layer", "output shape", "params"), ("", "input", str(model.input_shape), "")]
+    rows += [(str(r.index), r.layer, str(r.output_shape), f"{r.params:,}") for r in model.summary]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"{a:>{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}"
+             for a, b, c, d in rows]
+    total = sum(r.params for r in model.summary)
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"total parameters: {total:,} ({model.loss_name} loss)")
+    return "\n".join(line.rstrip() for line in lines)

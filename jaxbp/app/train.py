@@ -1,0 +1,175 @@
+"""Training and evaluation of a config's network: the epoch loop, in the manner of Flax's
+examples/mnist.
+
+`train` is the thin driver: the experiment (`jaxbp.app.experiment`), the jitted steps
+(`jaxbp.app.steps`), the run folder (`jaxbp.app.rundir`, `checkpoint`, `report`).
+
+Reproducibility: initial parameters depend only on `train.seed`, the batch order
+only on (`train.seed`, epoch), and the step is deterministic on CPU. A resumed
+run restarts its interrupted epoch from the start, so it ends with the same
+parameters, bit for bit, as a run never interrupted.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxbp.app import checkpoint, data, report, rundir
+from jaxbp.app.config import dump_config
+from jaxbp.app.experiment import (Experiment, RunError, build, initial_state, parameter_count,
+                                  setup, steps_per_epoch, use_precision)
+from jaxbp.app.model import format_summary
+from jaxbp.app.optim import make_optimizer
+from jaxbp.app.steps import (TrainState, all_finite, make_eval_step, make_train_step,
+                             zero_totals)
+
+__all__ = ["NonFiniteLoss", "RunError", "build", "use_precision", "train", "fit",
+           "evaluate", "evaluate_checkpoint", "train_epoch"]
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite; the run stopped before saving that epoch."""
+
+
+def evaluate(eval_step: Callable, params, split, batch_size: int, dtype) -> tuple[float, float]:
+    """(mean loss, accuracy) over the whole split, in order, the last batch possibly smaller."""
+    totals = zero_totals(dtype)
+    for images, labels in data.epoch_batches(split, batch_size, 0, 0, shuffle=False,
+                                             drop_remainder=False):
+        totals = eval_step(params, totals, jax.device_put(images), jax.device_put(labels))
+    loss, correct = jax.device_get(totals)
+    n = len(split.labels)
+    return float(loss) / n, float(correct) / n
+
+
+def compile_train_step(step: Callable, state: TrainState, exp: Experiment) -> Callable:
+    """Compiles `step` ahead of time for the train batches, so epoch 1's timing excludes it."""
+    batch_size = exp.cfg.data.batch_size
+    images = jax.ShapeDtypeStruct((batch_size, *exp.train.images.shape[1:]),
+                                  exp.train.images.dtype)
+    labels = jax.ShapeDtypeStruct((batch_size,), exp.train.labels.dtype)
+    return step.lower(state, zero_totals(exp.dtype), images, labels).compile()
+
+
+def _refresh_every(steps: int) -> int:
+    return max(1, min(50, steps // 10))
+
+
+def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
+                steps: int) -> tuple[TrainState, float, float, float]:
+    """One pass over the shuffled train split: (state, mean loss, accuracy, seconds).
+
+    The progress bar (stderr, only on a terminal) is the only reason to read the
+    totals before the epoch ends; a non-finite running loss ends the epoch early.
+    """
+    batch_size = exp.cfg.data.batch_size
+    totals = zero_totals(exp.dtype)
+    start = time.perf_counter()
+    bar = tqdm(total=steps * batch_size, desc=f"epoch {epoch}", unit="img", leave=False,
+               file=sys.stderr, disable=not sys.stderr.isatty())
+    refresh, done = _refresh_every(steps), 0
+    with bar:
+        batches = data.epoch_batches(exp.train, batch_size, exp.cfg.train.seed, epoch)
+        for i, (images, labels) in enumerate(batches, 1):
+            state, totals = step(state, totals, jax.device_put(images), jax.device_put(labels))
+            if not bar.disable and (i % refresh == 0 or i == steps):
+                loss, correct = jax.device_get(totals)
+                bar.update((i - done) * batch_size)
+                bar.set_postfix(loss=f"{loss / i:.4f}", acc=f"{correct / (i * batch_size):.4f}")
+                done = i
+                if not np.isfinite(loss):
+                    break
+    loss, correct = jax.device_get(totals)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    return state, float(loss) / steps, float(correct) / (steps * batch_size), seconds
+
+
+def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, steps: int,
+        out_dir: str, echo: Callable) -> tuple[TrainState, list[dict], float]:
+    """Trains the epochs after `records`; returns the state, all records and the compile time."""
+    tcfg, batch_size = exp.cfg.train, exp.cfg.data.batch_size
+    start = time.perf_counter()
+    train_step = compile_train_step(make_train_step(exp.model, optimizer, exp.dtype), state, exp)
+    compile_time = time.perf_counter() - start
+    eval_step = make_eval_step(exp.model, exp.dtype)
+    with checkpoint.CheckpointWriter(out_dir) as writer:
+        for epoch in range(len(records) + 1, tcfg.epochs + 1):
+            state, loss, accuracy, seconds = train_epoch(train_step, state, exp, epoch, steps)
+            if not (np.isfinite(loss) and all_finite(state.params)):
+                raise NonFiniteLoss(rundir.divergence_message(loss, epoch, out_dir))
+            test = None
+            if rundir.evaluates(tcfg, epoch):
+                test = evaluate(eval_step, state.params, exp.test, batch_size, exp.dtype)
+            records.append(report.epoch_record(epoch, loss, accuracy, test, seconds,
+                                               steps * batch_size))
+            echo(report.format_epoch(records[-1], tcfg.epochs))
+            if rundir.checkpoints(tcfg, epoch):
+                writer.save(epoch, state.params, state.opt_state,
+                            {"epoch": epoch, "step": epoch * steps, "metrics": records,
+                             "config": exp.cfg.to_dict()})
+            report.write_metrics(out_dir, records)
+    if records[-1]["test_accuracy"] is None:  # resumed at or past the end, never evaluated
+        test_loss, test_accuracy = evaluate(eval_step, state.params, exp.test, batch_size,
+                                            exp.dtype)
+        records[-1] = dict(records[-1], test_loss=test_loss, test_accuracy=test_accuracy)
+    return state, records, compile_time
+
+
+def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = print) -> dict:
+    """Trains as configured, writing reports and checkpoints to `out_dir`; returns the summary.
+
+    Raises RunError/ConfigError/DataError (nothing written yet) for unusable input,
+    NonFiniteLoss when the loss diverges (checkpoints of earlier epochs kept).
+    """
+    exp = setup(cfg)
+    latest = rundir.check_run_dir(out_dir, resume)
+    steps = steps_per_epoch(exp)
+    optimizer = make_optimizer(cfg.optimizer, steps, cfg.train.epochs)
+    state, records, changes = initial_state(exp.model, optimizer, cfg.train.seed, exp.dtype), [], []
+    if latest is not None:
+        state, records, changes = rundir.resumed(out_dir, latest, state, cfg)
+    echo(dump_config(cfg).rstrip())
+    echo(format_summary(exp.model))
+    if latest is not None:
+        echo(f"resuming from the checkpoint of epoch {latest}")
+        for change in changes:
+            echo(f"note: config changed since that checkpoint: {change}")
+    elif resume:
+        echo(f"no checkpoint in {checkpoint.checkpoint_dir(out_dir)}; starting afresh")
+    os.makedirs(out_dir, exist_ok=True)
+    report.write_atomic(os.path.join(out_dir, report.CONFIG_FILE), dump_config(cfg))
+
+    state, records, compile_time = fit(exp, state, records, optimizer, steps, out_dir, echo)
+    summary = report.summarize(records, steps=records[-1]["epoch"] * steps,
+                               precision=cfg.train.precision,
+                               parameters=parameter_count(state.params),
+                               compile_time_s=compile_time)
+    report.write_summary(out_dir, summary)
+    report.plot_curves(records, os.path.join(out_dir, report.CURVES_FILE))
+    echo(f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f}; "
+         f"wrote {out_dir}")
+    return summary
+
+
+def evaluate_checkpoint(cfg: Mapping, run_dir: str) -> dict:
+    """Test loss and accuracy of the newest checkpoint in `run_dir` under the config's model."""
+    exp = setup(cfg, splits=("test",))
+    latest = checkpoint.latest_epoch(run_dir)
+    if latest is None:
+        raise RunError(f"no checkpoint found in {checkpoint.checkpoint_dir(run_dir)}")
+    abstract = jax.eval_shape(lambda: exp.model.init(jax.random.PRNGKey(0), dtype=exp.dtype))
+    try:
+        params = checkpoint.restore(run_dir, latest, abstract).params
+    except ValueError as exc:
+        raise RunError(f"the checkpoint of epoch {latest} does not fit this config's model: "
+                       f"{str(exc).splitlines()[0]}") from None
+    eval_step = make_eval_step(exp.model, exp.dtype)
+    loss, accuracy = evaluate(eval_step, params, exp.test, cfg.data.batch_size, exp.dtype)
+    return {"epoch": latest, "test_loss": loss, "test_accuracy": accuracy}

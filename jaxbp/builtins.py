@@ -1,0 +1,87 @@
+"""The built-in primitives, registered exactly as a user registers a layer: one table.
+
+Each entry names the hand rule (`jaxbp.layers`, `jaxbp.losses`), its plain twin
+(`jaxbp.reference`), how its parameters are drawn, the checks of its hyperparameters, and
+for the benchmark its FLOP model and PyTorch twin (`jaxbp.torch_twins`).
+"""
+from __future__ import annotations
+
+import math
+
+from jaxbp import layers, losses, reference, torch_twins
+from jaxbp._spatial import fail, spatial_tuple
+from jaxbp.initializers import BIAS_INIT, KERNEL_INIT, initializer
+from jaxbp.registry import register_layer, register_loss
+from jaxbp.schema import BOOLEAN, PADDING, POSITIVE_INT, SIZES, number, optional
+
+
+def _conv_kernel(rng, input_shape, dtype, *, features, kernel, groups=1,
+                 kernel_init="lecun_normal"):
+    """`(*kernel, channels // groups, features)`, drawn by `kernel_init`."""
+    if len(input_shape) < 2:
+        raise fail("conv", f"expected examples of shape (*spatial, channels), got shape "
+                           f"{input_shape}; set model.input_shape to add a channel axis")
+    sizes = spatial_tuple("conv", "kernel", kernel, len(input_shape) - 1)
+    # Checked before drawing: channels // groups of 0 breaks the fan-in initialisers.
+    if not (isinstance(groups, int) and groups >= 1 and input_shape[-1] % groups == 0):
+        raise fail("conv", f"groups must be an int >= 1 dividing the input channels "
+                           f"({input_shape[-1]}), got {groups!r}")
+    shape = (*sizes, input_shape[-1] // groups, features)
+    return initializer(kernel_init)(rng, shape, dtype)
+
+
+def _dense_kernel(rng, input_shape, dtype, *, features, kernel_init="lecun_normal"):
+    """`(in, features)`, drawn by `kernel_init`."""
+    if len(input_shape) != 1:
+        raise fail("dense", f"expected flat examples of shape (features,), got shape "
+                            f"{input_shape}; put a flatten layer before it")
+    return initializer(kernel_init)(rng, (input_shape[0], features), dtype)
+
+
+def _bias(rng, input_shape, dtype, *, features, use_bias=True, bias_init="zeros"):
+    """`(features,)` drawn by `bias_init`, or None (no bias) when `use_bias` is false."""
+    del input_shape
+    return initializer(bias_init)(rng, (features,), dtype) if use_bias else None
+
+
+def weighted_macs(input_shape, output_shape, param_shapes) -> int:
+    """Multiply-adds of a conv or dense forward: every output meets every entry of its
+    kernel slice, `prod(output) * prod(w.shape[:-1])` (groups already in w's shape)."""
+    del input_shape
+    return math.prod(output_shape) * math.prod(param_shapes["w"][:-1])
+
+
+_WEIGHTS = {"features": POSITIVE_INT, "use_bias": BOOLEAN, "kernel_init": KERNEL_INIT,
+            "bias_init": BIAS_INIT}
+_POOL = {"window": SIZES, "stride": optional(SIZES), "padding": PADDING}
+
+register_layer("conv", hand=layers.conv, reference=reference.conv,
+               params={"w": _conv_kernel, "b": _bias},
+               checks={**_WEIGHTS, "kernel": SIZES, "stride": SIZES, "padding": PADDING,
+                       "dilation": SIZES, "groups": POSITIVE_INT},
+               flops=weighted_macs, torch=torch_twins.conv)
+register_layer("dense", hand=layers.dense, reference=reference.dense,
+               params={"w": _dense_kernel, "b": _bias}, checks=_WEIGHTS,
+               flops=weighted_macs, torch=torch_twins.dense)
+register_layer("max_pool", hand=layers.max_pool, reference=reference.max_pool, checks=_POOL,
+               torch=torch_twins.max_pool)
+register_layer("avg_pool", hand=layers.avg_pool, reference=reference.avg_pool, checks=_POOL,
+               torch=torch_twins.avg_pool)
+register_layer("channel_max", hand=layers.channel_max, reference=reference.channel_max,
+               checks={"group_size": POSITIVE_INT})
+register_layer("flatten", hand=layers.flatten, reference=reference.flatten,
+               torch=torch_twins.flatten)
+for _name in ("sigmoid", "tanh", "relu", "softmax"):
+    register_layer(_name, hand=getattr(layers, _name), reference=getattr(reference, _name),
+                   torch=getattr(torch_twins, _name))
+register_layer("leaky_relu", hand=layers.leaky_relu, reference=reference.leaky_relu,
+               checks={"negative_slope": number(lambda v: True, "a number")},
+               torch=torch_twins.leaky_relu)
+
+register_loss("softmax_cross_entropy", hand=losses.softmax_cross_entropy,
+              reference=reference.softmax_cross_entropy, targets="labels",
+              forbid_last_layer={"softmax": "loss softmax_cross_entropy takes logits and "
+                                            "applies softmax itself; remove this layer or use "
+                                            "loss: quadratic"})
+register_loss("quadratic", hand=losses.quadratic, reference=reference.quadratic,
+              targets="one_hot")

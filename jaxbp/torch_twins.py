@@ -1,0 +1,68 @@
+"""PyTorch twins of the built-in layers, for the side-by-side benchmark.
+
+Each builder takes the `torch` module (never imported here, so jaxbp does not need it), one
+example's channels-last input shape and the layer's hyperparameters, and returns the
+`torch.nn.Module` computing the same function in PyTorch's channels-first layout. A layer
+without an equivalent raises `Unsupported`.
+"""
+from __future__ import annotations
+
+import math
+
+
+class Unsupported(Exception):
+    """The layer, with these hyperparameters, has no PyTorch equivalent."""
+
+
+def _rank(input_shape) -> int:
+    return len(input_shape) - 1
+
+
+def _padding(padding, stride, rank: int):
+    """PyTorch's padding argument for ours: both sides equal, or "same" at stride 1."""
+    if padding == "VALID":
+        return 0
+    if padding == "SAME" and stride in (1, (1,) * rank):
+        return "same"
+    if isinstance(padding, int):
+        return padding
+    if isinstance(padding, tuple) and all(lo == hi for lo, hi in padding):
+        return tuple(lo for lo, _ in padding)
+    raise Unsupported(f"padding {padding!r} with stride {stride!r}")
+
+
+def conv(torch, input_shape, *, features, kernel, stride, padding, dilation, groups, use_bias):
+    module = getattr(torch.nn, f"Conv{_rank(input_shape)}d")
+    return module(input_shape[-1], features, kernel, stride,
+                  _padding(padding, stride, _rank(input_shape)), dilation, groups, bias=use_bias)
+
+
+def _pool(kind: str):
+    def build(torch, input_shape, *, window, stride, padding):
+        if padding != "VALID":
+            raise Unsupported(f"{kind.lower()}_pool padding {padding!r}")
+        return getattr(torch.nn, f"{kind}Pool{_rank(input_shape)}d")(window, stride)
+    return build
+
+
+max_pool, avg_pool = _pool("Max"), _pool("Avg")
+
+
+def dense(torch, input_shape, *, features, use_bias):
+    return torch.nn.Linear(math.prod(input_shape), features, bias=use_bias)
+
+
+def flatten(torch, input_shape):
+    return torch.nn.Flatten()
+
+
+def _elementwise(name: str, *args):
+    return lambda torch, input_shape: getattr(torch.nn, name)(*args)
+
+
+relu, sigmoid, tanh, softmax = (_elementwise("ReLU"), _elementwise("Sigmoid"),
+                                _elementwise("Tanh"), _elementwise("Softmax", -1))
+
+
+def leaky_relu(torch, input_shape, *, negative_slope):
+    return torch.nn.LeakyReLU(negative_slope)
