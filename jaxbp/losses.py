@@ -32,7 +32,8 @@ _quadratic.defvjp(_quadratic_fwd, _quadratic_bwd)
 def quadratic(pred, target):
     """Quadratic cost: mean over the batch of 1/2 sum (a - y)^2.
 
-    The cost of seeds 001_3d5194c7da1093ab.txt and 002_ccdd42be840614dd.txt.
+    The cost of seed 001 (the blog post on a conv net with a softmax output) and seed
+    002 (the Q&A tracing a small CNN's deltas); DERIVATIONS.md §6.
     Backward: d pred = (a - y) / batch and d target = -(a - y) / batch, saving only
     a - y. Composed with an output sigmoid this gives seed 002's
     delta^L = (a^L - y) * sigma'(z^L) (per example).
@@ -72,9 +73,9 @@ def softmax_cross_entropy(logits, labels):
     """Mean over the batch of -log softmax(logits)[label], computed with log-sum-exp.
 
     Backward is the fused softmax-plus-log delta d logits = (softmax(logits) -
-    onehot(labels)) / batch, saving the probabilities and labels. Unlike the
-    quadratic cost over a softmax (seed 001_3d5194c7da1093ab.txt) it needs no softmax
-    Jacobian. Labels get no gradient.
+    onehot(labels)) / batch, saving the probabilities and labels (DERIVATIONS.md §6).
+    Unlike the quadratic cost over a softmax (seed 001, the blog post on a conv net
+    with a softmax output) it needs no softmax Jacobian. Labels get no gradient.
 
     Args:
       logits: `(batch, classes)` scores.

@@ -101,7 +101,8 @@ def test_finite_differences_kinked(name):
 
 
 def test_softmax_diagonal_jacobian_of_seed_001_is_wrong():
-    """Seed 001_3d5194c7da1093ab.txt's D_sigma' = diag(s(1 - s)) is not softmax's derivative."""
+    """D_sigma' = diag(s(1 - s)) of seed 001 (the blog post on a conv net with a softmax
+    output) is not softmax's derivative (DERIVATIONS.md §5)."""
     diagonal = activations._saving_output(reference.softmax, lambda s, g: g * s * (1 - s))
     x = _normal(5, (2, 3, 4), F64)
     with pytest.raises(AssertionError, match="gradient"):

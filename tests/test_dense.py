@@ -58,7 +58,8 @@ def test_dense_explicit_numbers():
 
 
 def test_flatten_seed_002_shape():
-    """The 432-long delta of seed 002 goes back to its 12x12x3 (channels-last) map."""
+    """The 432-long delta of seed 002 (the Q&A tracing a small CNN's deltas) goes back to
+    its 12x12x3 (channels-last) map (DERIVATIONS.md §7)."""
     x = jnp.zeros((1, 12, 12, 3), F32)
     y, vjp = jax.vjp(hand.flatten, x)
     assert y.shape == (1, 432)

@@ -83,7 +83,8 @@ def test_quadratic_delta_explicit():
 
 
 def test_seed_002_output_delta():
-    """quadratic(sigmoid(dense)) gives seed 002's delta^L = (a - y) * sigma'(z), over the batch.
+    """quadratic(sigmoid(dense)) gives seed 002's delta^L = (a - y) * sigma'(z), over the batch
+    (DERIVATIONS.md §6; seed 002, the Q&A tracing a small CNN's deltas, eq. 1).
 
     z = (0, ln 3), so a = (1/2, 3/4) and sigma'(z) = (1/4, 3/16); with y = (1, 0) the
     per-example deltas are -1/8 and 9/64, each divided by the batch of 2.

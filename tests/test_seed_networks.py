@@ -1,10 +1,11 @@
 """The seeds' whole networks: deltas computed by the seeds' own recipes, in NumPy loops,
 against `jax.grad` through the hand-derived rules.
 
-Seed 002 (002_ccdd42be840614dd.txt): 28x28 -> conv 3@5x5 -> 3x24x24 -> max pool 2x2 -> 3x12x12
--> 432 -> dense 10, sigmoid, quadratic loss; the kernel and bias gradients from the upsampled
-delta. Seed 000 (000_103740f910ca9c16.txt): the delta of conv layer c1 from the delta of conv
-layer c2 in a network of two conv and two hidden layers.
+Seed 002, the Q&A tracing a small CNN's deltas: 28x28 -> conv 3@5x5 -> 3x24x24 -> max pool
+2x2 -> 3x12x12 -> 432 -> dense 10, sigmoid, quadratic loss; the kernel and bias gradients from
+the upsampled delta (jaxbp/layers/DERIVATIONS.md §7 lists the chain). Seed 000, the Q&A
+deriving a 1-D conv layer's delta: the delta of conv layer c1 from the delta of conv layer c2
+in a network of two conv and two hidden layers (DERIVATIONS.md §2.2).
 """
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,8 @@ def _sigmoid_prime(z):
 
 
 def _valid_correlation(x, w):
-    """y[n, i, j, o] = sum_{m, k, c} x[n, i + m, j + k, c] w[m, k, c, o] (seed 002's forward)."""
+    """y[n, i, j, o] = sum_{m, k, c} x[n, i + m, j + k, c] w[m, k, c, o] (seed 002's forward,
+    DERIVATIONS.md §2.1)."""
     kh, kw = w.shape[:2]
     out = np.zeros((x.shape[0], x.shape[1] - kh + 1, x.shape[2] - kw + 1, w.shape[3]))
     for i in range(out.shape[1]):
@@ -70,7 +72,8 @@ def test_seed002_shapes_and_gradients_follow_the_seed_recipe():
                     di, dj = np.unravel_index(np.argmax(window), (2, 2))
                     delta_c[n, 2 * i + di, 2 * j + dj, c] = delta_mp[n, i, j, c]
     delta_c *= s_c * (1 - s_c)
-    # Kernel: dC/dw[m, k] = sum_{i, j} delta[i, j] o[i + m, j + k]; bias: one sum per map.
+    # Kernel: dC/dw[m, k] = sum_{i, j} delta[i, j] o[i + m, j + k]; bias: one sum per map
+    # (DERIVATIONS.md §2.4, §2.5).
     expected_w = np.zeros((5, 5, 1, 3))
     for m in range(5):
         for k in range(5):
@@ -111,7 +114,8 @@ def test_seed000_conv_delta_from_the_next_conv_layer():
     delta1 = jax.grad(_seed000_tail)(z1, (w2, b2, *head), target)
 
     # Seed 000: delta(c1)_i = sum_a delta(c2)_{i-a} w_a * f'(z1_i), over both spatial axes and
-    # the channels of c2 -- the full correlation with the rotated kernel, written as loops.
+    # the channels of c2 -- the full correlation with the rotated kernel, written as loops
+    # (DERIVATIONS.md §2.2).
     w2 = np.asarray(w2)
     expected = np.zeros(z1.shape)
     for i in range(z1.shape[1]):

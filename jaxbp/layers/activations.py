@@ -37,7 +37,8 @@ def _saving_mask(forward: Callable, derivative: Callable):
 
 
 def _softmax_derivative(s, g):
-    # Full Jacobian diag(s) - s s^T applied to g; its diagonal alone (seed 001) is wrong.
+    # Full Jacobian diag(s) - s s^T applied to g (DERIVATIONS.md §5); its diagonal alone
+    # (seed 001, the blog post on a conv net with a softmax output) is wrong.
     return s * (g - jnp.sum(g * s, axis=-1, keepdims=True))
 
 
@@ -57,9 +58,9 @@ def _leaky_relu(negative_slope: float):
 def sigmoid(x):
     """Logistic sigmoid s = 1 / (1 + exp(-x)) of a float array, elementwise (same shape and dtype).
 
-    Backward: dx = delta * s * (1 - s), with s saved from the forward (the sigma'
-    factor in seed 002_ccdd42be840614dd.txt eq. 1-2). The forward is
-    `jax.nn.sigmoid`, which does not overflow for large |x|.
+    Backward: dx = delta * s * (1 - s), with s saved from the forward (DERIVATIONS.md
+    §5; the sigma' factor of eq. 1-2 in seed 002, the Q&A tracing a small CNN's
+    deltas). The forward is `jax.nn.sigmoid`, which does not overflow for large |x|.
     """
     check_floating("sigmoid", "x", x)
     return _sigmoid(x)
@@ -68,8 +69,8 @@ def sigmoid(x):
 def tanh(x):
     """Hyperbolic tangent t = tanh(x) of a float array, elementwise (same shape and dtype).
 
-    Backward: dx = delta * (1 - t^2), with t saved (the t' factors of seed
-    001_3d5194c7da1093ab.txt).
+    Backward: dx = delta * (1 - t^2), with t saved (DERIVATIONS.md §5; the t' factors
+    of seed 001, the blog post on a conv net with a winner kernel and tanh units).
     """
     check_floating("tanh", "x", x)
     return _tanh(x)
@@ -78,8 +79,8 @@ def tanh(x):
 def relu(x):
     """Rectified linear unit max(x, 0) of a float array, elementwise (same shape and dtype).
 
-    Backward: dx = delta * [x > 0], saving only the boolean mask. At x == 0 the
-    derivative is taken to be 0, the value `jax.nn.relu` uses.
+    Backward (DERIVATIONS.md §5): dx = delta * [x > 0], saving only the boolean
+    mask. At x == 0 the derivative is taken to be 0, the value `jax.nn.relu` uses.
     """
     check_floating("relu", "x", x)
     return _relu(x)
@@ -88,8 +89,8 @@ def relu(x):
 def leaky_relu(x, negative_slope: float = 0.01):
     """x where x > 0, else negative_slope * x, elementwise.
 
-    Backward: dx = delta where x > 0, else negative_slope * delta, saving the
-    boolean mask; the slope is static. At x == 0 the derivative is the slope, so
+    Backward (DERIVATIONS.md §5): dx = delta where x > 0, else negative_slope * delta,
+    saving the boolean mask; the slope is static. At x == 0 the derivative is the slope, so
     `negative_slope=0` gives exactly relu's rule (`jax.nn.leaky_relu` uses 1 there).
 
     Args:
@@ -108,9 +109,10 @@ def softmax(x):
     """Softmax s = exp(x) / sum(exp(x)) over the last axis, computed with the row max subtracted.
 
     Backward uses the full Jacobian, not its diagonal: dx = s * (delta - <delta, s>),
-    the inner product taken over the last axis, with s saved. Seed
-    001_3d5194c7da1093ab.txt writes this factor as D_sigma' = diag(s(1 - s)), which
-    drops the off-diagonal terms -s_i s_j and is wrong.
+    the inner product taken over the last axis, with s saved (DERIVATIONS.md §5, with
+    a worked numeric contrast). Seed 001, the blog post on a conv net with a softmax
+    output, writes this factor as D_sigma' = diag(s(1 - s)), which drops the
+    off-diagonal terms -s_i s_j and is wrong.
 
     Args:
       x: floating array of shape `(..., classes)`, at least 1-D.

@@ -48,10 +48,11 @@ _affine.defvjp(_dense_fwd, _all_grads)
 def dense(x, w, b=None):
     """Fully connected layer y = x W + b.
 
-    Backward (seed 002_ccdd42be840614dd.txt eq. 2-3; seed 000_103740f910ca9c16.txt):
-    delta_x = delta W^T, dW = x^T delta, db = sum over the batch of delta. The
-    activation's f' factor of those seeds comes from the activation's own rule when
-    the two are composed. Saves x and w.
+    Backward (DERIVATIONS.md §1; seed 002, the Q&A tracing a small CNN's deltas, eq.
+    2-3; seed 000, the Q&A deriving a 1-D conv layer's delta): delta_x = delta W^T,
+    dW = x^T delta, db = sum over the batch of delta. The activation's f' factor of
+    those seeds' recursion comes from the activation's own rule when the two are
+    composed. Saves x and w.
 
     Args:
       x: `(batch, in)` inputs.
@@ -86,9 +87,9 @@ _flatten.defvjp(_flatten_fwd, _flatten_bwd)
 def flatten(x):
     """Flattens every axis but the batch axis.
 
-    Backward: the delta is reshaped back to the input's shape (seed
-    002_ccdd42be840614dd.txt: the 432-long delta becomes 3x12x12). Nothing traced is
-    saved; the input shape is a static argument.
+    Backward: the delta is reshaped back to the input's shape (DERIVATIONS.md §7;
+    seed 002, the Q&A tracing a small CNN's deltas: the 432-long delta becomes
+    3x12x12). Nothing traced is saved; the input shape is a static argument.
 
     Args:
       x: `(batch, ...)` array.
