@@ -194,8 +194,8 @@ def _compare(rule: _Rule, what: str, actual, expected) -> float:
 
 
 def _under(rule: _Rule, transform: str, compute: Callable):
-    """compute(), with an exception the transform provokes in the rule as a RuleMismatch (the
-    same rule already ran without it)."""
+    """compute(), with an exception the rule raises under `transform` as a RuleMismatch: its
+    forward was already traced once (check 1), so this is the rule's failure, not bad usage."""
     try:
         return compute()
     except Exception as error:
@@ -224,11 +224,15 @@ def _labels(fn, count: int) -> Tuple[str, ...]:
                  for i in range(count))
 
 
-def _draw(rng: np.random.Generator, shape: Sequence[int], dtype):
+def _draw(rng: np.random.Generator, shape: Sequence[int], dtype) -> np.ndarray:
     """Normal values times per-element scales 10^u (u in `_LOG10_SCALES`): mixed signs, scales
-    over two orders of magnitude, no ties or zeros to speak of."""
+    over two orders of magnitude, no ties or zeros to speak of.
+
+    NumPy throughout, here and wherever inputs are derived: every JAX op run outside the
+    compared functions would compile on its own, and those compiles would dominate.
+    """
     values = rng.standard_normal(shape) * 10.0 ** rng.uniform(*_LOG10_SCALES, shape)
-    return jnp.asarray(values, dtype)
+    return np.asarray(values, dtype)
 
 
 def _is_floating(value) -> bool:
@@ -246,15 +250,14 @@ def _prepare(spec, label: str, dtype: str, rng: np.random.Generator):
         return None, False
     if isinstance(spec, jax.ShapeDtypeStruct):
         if not jnp.issubdtype(spec.dtype, jnp.floating):
-            raise ValueError(f"{label}: a shape was given for a {spec.dtype} argument, but only "
+            raise ValueError(f"{label}: a shape was given with dtype {spec.dtype}, but only "
                              f"floating arguments are drawn; pass integer arrays (labels) as "
                              f"arrays")
         return _draw(rng, spec.shape, dtype), True
     if _is_shape(spec):
         return _draw(rng, spec, dtype), True
     if isinstance(spec, (np.ndarray, jax.Array)):
-        array = jnp.asarray(spec)
-        return (array.astype(dtype) if _is_floating(array) else array), False
+        return (np.asarray(spec, dtype) if _is_floating(spec) else spec), False
     raise TypeError(f"{label}: expected an array, None, a jax.ShapeDtypeStruct or a shape (a "
                     f"tuple of ints), got {type(spec).__name__} {spec!r}; hyperparameters are "
                     f"keyword arguments")
@@ -288,7 +291,7 @@ def _second_member(rng: np.random.Generator, args: tuple, drawn: Sequence[bool],
             return _draw(rng, arg.shape, dtype)
         # A given array may carry structure the caller built in (a one-hot target, positive
         # scales); a relative nudge of at most 10% keeps its signs and zeros.
-        return arg * (1 + 0.1 * jnp.asarray(rng.uniform(-1, 1, arg.shape), dtype))
+        return arg * np.asarray(1 + 0.1 * rng.uniform(-1, 1, arg.shape), dtype)
     return tuple(other(a, d) for a, d in zip(args, drawn))
 
 
@@ -300,11 +303,22 @@ def _with(args: tuple, argnums: Sequence[int], values: Sequence) -> tuple:
     return tuple(args)
 
 
+def _sub_jaxprs(params: dict):
+    """The jaxprs among an equation's parameters (jit's, cond's branches, scan's body...),
+    recognised by their equations rather than by a class that has moved between versions."""
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)   # a closed jaxpr wraps its jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
 def _has_custom_vjp(jaxpr) -> bool:
-    """Whether a custom_vjp call appears anywhere in `jaxpr`, sub-jaxprs (jit, cond, scan...)
-    included; the primitive's name varies between JAX versions, "custom_vjp" is in all."""
+    """Whether a custom_vjp call appears anywhere in `jaxpr`, sub-jaxprs included; the
+    primitive's name varies between JAX versions (custom_vjp_call, custom_vjp_call_jaxpr),
+    "custom_vjp" is in all of them."""
     return any("custom_vjp" in eqn.primitive.name
-               or any(_has_custom_vjp(sub) for sub in jex.jaxprs_in_params(eqn.params))
+               or any(_has_custom_vjp(sub) for sub in _sub_jaxprs(eqn.params))
                for eqn in jaxpr.eqns)
 
 
@@ -346,21 +360,22 @@ def _check_evaluation(rule: _Rule, prefix: str, argnums, got, want, cotangent: s
                      for i, g, e in zip(argnums, grads, expected_grads)]
 
 
-def _finite_difference_errors(rule: _Rule, hand: Callable, args: tuple, argnums, cotangent,
+def _finite_difference_errors(rule: _Rule, forward: Callable, args: tuple, argnums, cotangent,
                               grads, directions: int, rng: np.random.Generator) -> tuple:
     """Per argument, the worst over `directions` random v of
-    |(<f(x + h v), c> - <f(x - h v), c>) / 2h - <vjp(c), v>| / (|vjp(c)|_2 |v|_2)."""
+    |(<f(x + h v), c> - <f(x - h v), c>) / 2h - <vjp(c), v>| / (|vjp(c)|_2 |v|_2), f being
+    `forward(args)`."""
     c = np.asarray(cotangent, np.float64)
     errors = []
     for i, grad in zip(argnums, grads):
         grad = np.asarray(grad, np.float64)
         worst = 0.0
         for k in range(directions):
-            v = _draw(rng, args[i].shape, args[i].dtype)
-            v = v / (float(jnp.max(jnp.abs(v), initial=0.0)) or 1.0)
-            plus, minus = (np.asarray(hand(*_with(args, (i,), (args[i] + sign * FD_STEP * v,))),
-                                      np.float64) for sign in (1, -1))
-            v = np.asarray(v, np.float64)
+            v = _draw(rng, args[i].shape, np.float64)
+            v = v / (np.max(np.abs(v), initial=0.0) or 1.0)
+            plus, minus = (np.asarray(forward(_with(args, (i,), (np.asarray(
+                args[i] + sign * FD_STEP * v, args[i].dtype),))), np.float64)
+                for sign in (1, -1))
             difference = abs(np.sum((plus - minus) * c) / (2 * FD_STEP) - np.sum(grad * v))
             scale = float(np.linalg.norm(grad) * np.linalg.norm(v))
             error = difference / scale if scale > 0 else difference
@@ -378,8 +393,9 @@ def _second_order_errors(rule: _Rule, hand: Callable, reference: Callable, args:
                          argnums, cotangent, rng: np.random.Generator) -> tuple:
     """Per argument i, the worst over j of d(vjp(c)[i] . d_i)/d arg j, hand against reference."""
     second_cotangents = tuple(_draw(rng, args[i].shape, args[i].dtype) for i in argnums)
-    got, want = (jax.jit(_second_order(fn, argnums))(args, cotangent, second_cotangents)
-                 for fn in (hand, reference))
+    got = _under(rule, "grad of grad", lambda: jax.jit(_second_order(hand, argnums))(
+        args, cotangent, second_cotangents))
+    want = jax.jit(_second_order(reference, argnums))(args, cotangent, second_cotangents)
     return tuple(max(_compare(rule, f"second order (grad of grad) differs: the derivative of "
                                     f"the gradient of {rule.labels[i]} with respect to "
                                     f"{rule.labels[j]}", g, w)
@@ -421,12 +437,16 @@ def check_rule(hand: Callable, reference: Callable, *args, options: CheckOptions
          differentiated again, with a random cotangent, w.r.t. every differentiable argument,
          against the reference's. A backward that blocks its own derivative (stop_gradient on
          its residuals) passes 1-4 and fails here.
-      6. under `jax.jit`, and under `jax.vmap` over a new leading axis stacking the arguments
-         with a second draw (given floating arrays nudged by up to 10%, integer arrays with
-         themselves), the forward and VJP match the reference's.
+      6. under `jax.jit` applied to `hand` itself (its VJP then goes through jit's own
+         differentiation rules, as in `jax.grad(jax.jit(layer))`), and under `jax.vmap` over
+         a new leading axis stacking the arguments with a second draw (given floating arrays
+         nudged by up to 10%, integer arrays with themselves), the forward and VJP match the
+         reference's.
       7. residuals: `residual_bytes` of hand and of reference, reported only.
-    Checks 1-4 run `hand` eagerly (as a caller without jit would); the reference, the second
-    order and the transforms are each compiled once.
+    Each compared function is compiled once: checks 2-4 trace `hand` inside one jit, reused
+    for every cotangent and finite difference (running the rule op by op would compile each
+    op instead, several times slower). An exception the rule raises under jit, grad of grad
+    or vmap (NumPy on a tracer, an unbatchable callback) is a RuleMismatch too.
 
     Args:
       hand: the layer whose backward is a hand-derived custom_vjp rule.
@@ -469,22 +489,25 @@ def _check(hand, reference, specs, options: CheckOptions, hyperparameters) -> Ru
 
     out = jax.eval_shape(reference, *args)
     cotangents = [_draw(rng, out.shape, out.dtype) for _ in range(options.cotangents)]
+    # Compiled once each and reused for every cotangent (and, the hand's, every finite
+    # difference): a few compiles per rule, where running the rule op by op costs more.
     expected = jax.jit(_evaluation(reference, argnums))
-    hand_evaluation = _evaluation(hand, argnums)
+    evaluate = jax.jit(_evaluation(hand, argnums))
     expected_first = expected(args, cotangents[0])
-    got_first = hand_evaluation(args, cotangents[0])
+    got_first = _under(rule, "jit", lambda: evaluate(args, cotangents[0]))
     forward_error, primal_error, *first_errors = _check_evaluation(
         rule, "", argnums, got_first, expected_first, f"cotangent 1 of {options.cotangents}")
     vjp_errors = [first_errors]
     for k, cotangent in enumerate(cotangents[1:], start=2):
         vjp_errors.append(_check_evaluation(
-            rule, "", argnums, hand_evaluation(args, cotangent), expected(args, cotangent),
+            rule, "", argnums, evaluate(args, cotangent), expected(args, cotangent),
             f"cotangent {k} of {options.cotangents}")[2:])
 
     fd_errors = None
     if options.dtype == "float64" and options.directions:
-        fd_errors = _finite_difference_errors(rule, hand, args, argnums, cotangents[0],
-                                              got_first[2], options.directions, rng)
+        fd_errors = _finite_difference_errors(
+            rule, lambda a: evaluate(a, cotangents[0])[0], args, argnums, cotangents[0],
+            got_first[2], options.directions, rng)
 
     second_order_errors = None
     if options.second_order:
@@ -493,18 +516,22 @@ def _check(hand, reference, specs, options: CheckOptions, hyperparameters) -> Ru
 
     jit_error = vmap_error = None
     if options.transforms:
-        jitted = _under(rule, "jit", lambda: jax.jit(hand_evaluation)(args, cotangents[0]))
+        # jax.jit applied to the rule itself: its VJP then goes through jit's own
+        # differentiation (partial evaluation of a jitted custom_vjp), as in grad(jit(layer)).
+        jitted = _under(rule, "jit", lambda: jax.jit(_evaluation(jax.jit(hand), argnums))(
+            args, cotangents[0]))
         jit_error = max(_check_evaluation(rule, "under jit, ", argnums, jitted, expected_first,
                                           "cotangent 1"))
         other = _second_member(rng, args, [drawn for _, drawn in prepared], options.dtype)
         other_cotangent = _draw(rng, out.shape, out.dtype)
         stacked, stacked_cotangents = jax.tree_util.tree_map(
-            lambda a, b: jnp.stack([a, b]), (args, cotangents[0]), (other, other_cotangent))
-        batched = _under(rule, "vmap", lambda: jax.jit(jax.vmap(hand_evaluation))(
+            lambda a, b: np.stack([a, b]), (args, cotangents[0]), (other, other_cotangent))
+        batched = _under(rule, "vmap", lambda: jax.jit(jax.vmap(_evaluation(hand, argnums)))(
             stacked, stacked_cotangents))
         vmap_error = max(
             max(_check_evaluation(rule, f"under vmap (member {m + 1} of 2), ", argnums,
-                                  jax.tree_util.tree_map(lambda a: a[m], batched), want,
+                                  jax.tree_util.tree_map(lambda a: np.asarray(a)[m], batched),
+                                  want,
                                   "its cotangent"))
             for m, want in enumerate([expected_first, expected(other, other_cotangent)]))
 
