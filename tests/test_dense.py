@@ -8,6 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 from gradcheck import assert_matches_reference, random_inputs
+from jaxbp.testing import check_rule
 from jaxbp.reference.dense import dense as reference_dense
 from jaxbp.reference.dense import flatten as reference_flatten
 
@@ -118,26 +119,15 @@ def test_saved_residuals():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_dense_jit_vmap_grad_of_vmap_grad_of_grad(bias):
-    """One comparison: its forward is dW through a vmap over groups of batches, its
-    gradient the second derivative with respect to every argument, under jit."""
-    x, w, *b = _dense_args(5, 2, 3, 2, bias, F64)
-
-    def grad_of_vmap(fn):
-        batched = jax.vmap(fn, in_axes=(0, None) + (None,) * len(b))
-        return jax.grad(lambda *a: jnp.sum(jnp.sin(batched(*a))), argnums=1)
-
-    args = [jnp.stack([x, 2 * x, -x]), w, *b]
-    assert_matches_reference(grad_of_vmap(hand.dense), grad_of_vmap(reference_dense), args,
-                             range(len(args)))
+def test_dense_full_check_rule_jit_vmap_grad_of_grad(bias):
+    """`check_rule` in full: finite differences, grad of grad (w.r.t. every argument), jit
+    and vmap."""
+    report = check_rule(hand.dense, reference_dense, *_dense_args(5, 2, 3, 2, bias, F64))
+    assert len(report.second_order_errors) == (3 if bias else 2)
 
 
-def test_flatten_jit_vmap_grad_of_vmap_grad_of_grad():
-    def grad_of_vmap(fn):
-        return jax.grad(lambda v: jnp.sum(jnp.sin(jax.vmap(fn)(v))))
-
-    (x,) = random_inputs(6, [(3, 2, 2, 3)], F64)
-    assert_matches_reference(grad_of_vmap(hand.flatten), grad_of_vmap(reference_flatten), [x], [0])
+def test_flatten_full_check_rule_jit_vmap_grad_of_grad():
+    check_rule(hand.flatten, reference_flatten, *random_inputs(6, [(3, 2, 2, 3)], F64))
 
 
 BAD_DENSE = [

@@ -7,6 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 from gradcheck import assert_matches_reference, random_inputs
+from jaxbp.testing import CheckOptions, check_rule
 from jaxbp import losses
 from jaxbp.layers.activations import sigmoid
 from jaxbp.layers.dense import dense
@@ -151,16 +152,11 @@ def test_saved_residuals():
 
 
 @pytest.mark.parametrize("name", list(RULES))
-def test_jit_vmap_grad_of_vmap_grad_of_grad(name):
-    """One comparison: its forward is grad of vmap over stacked batches, its gradient grad of
-    grad, under jit."""
+def test_full_check_rule_jit_vmap_grad_of_grad(name):
+    """`check_rule` in full: finite differences, grad of grad, jit and vmap."""
     loss, ref, _, argnums = RULES[name]
-
-    def grad_of_vmap(fn):
-        return jax.grad(lambda *a: jnp.sum(jnp.sin(jax.vmap(fn)(*a))))
-
-    stacked = [jnp.stack([a, 2 * a]) for a in _arrays(5, (3, 4), F64, count=len(argnums))]
-    assert_matches_reference(grad_of_vmap(loss), grad_of_vmap(ref), stacked, argnums)
+    check_rule(loss, ref, *_arrays(5, (3, 4), F64, count=len(argnums)),
+               options=CheckOptions(argnums=tuple(argnums)))
 
 
 def test_cross_entropy_vmap_over_labels():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradcheck import TOLERANCE, relative_error
+from jaxbp.testing import relative_error, tolerance
 from jaxbp import layers, reference, registry
 from jaxbp.app import data
 from jaxbp.app.config import ConfigError, load_config, validate_model
@@ -87,7 +87,7 @@ def test_shipped_config_builds_and_runs_hand_and_reference_alike(path):
     assert relative_error(hand_loss, ref_loss) <= 1e-12
     for got, want in zip(jax.tree_util.tree_leaves(hand_grads),
                          jax.tree_util.tree_leaves(ref_grads)):
-        assert relative_error(got, want) <= TOLERANCE[jnp.dtype("float64")]
+        assert relative_error(got, want) <= tolerance(jnp.float64)
 
 
 def test_hand_ops_run_the_custom_rules_and_reference_ops_do_not():
