@@ -44,7 +44,6 @@ measurements, never pass/fail tests.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -53,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -224,8 +223,8 @@ def torch_net(torch, model, layers, loss_name: str, num_classes: int):
     from jaxbp.torch_twins import Unsupported
     modules = []
     for row, item in zip(model.summary, layers):
-        hyper = {k: v for k, v in item.items() if k != "type"}
-        module = registry.get(row.type).torch_module(torch, row.input_shape, hyper)
+        module = registry.get(row.type).torch_module(torch, row.input_shape,
+                                                     item.hyperparameters)
         if module is None:
             raise Unsupported(f"layer type {row.type}")
         modules.append(module)

@@ -4,11 +4,12 @@
 derivations (`jaxbp/layers/DERIVATIONS.md`); `jaxbp.reference` holds their plain twins,
 differentiated by JAX, which serve as the oracle. Every layer and loss is registered once
 (`jaxbp.registry`; the built-in ones in `jaxbp.builtins`): `register_layer` adds your own,
-and `jaxbp.nn`, the experiment configs, `jaxbp check` and the benchmark then know it.
+and `jaxbp.nn`, the experiment configs, `jaxbp check` and the benchmark then know it;
+`jaxbp.testing.check_rule` proves a rule against its twin.
 """
-from jaxbp import layers, losses, reference
+from jaxbp import layers, losses, reference, testing
 from jaxbp import builtins  # noqa: F401  (registers the built-in primitives)
 from jaxbp.registry import register_layer, register_loss
 
 __version__ = "0.1.0"
-__all__ = ["layers", "losses", "reference", "register_layer", "register_loss"]
+__all__ = ["layers", "losses", "reference", "testing", "register_layer", "register_loss"]

@@ -118,6 +118,17 @@ def test_positional_hyperparameters_are_the_required_ones_in_order():
         nn.Conv(4, 3, features=5)
 
 
+def test_layers_take_int_padding_as_nn_does():
+    x, w = jnp.ones((1, 5, 5, 2), jnp.float32), jnp.ones((3, 3, 2, 4), jnp.float32)
+    by_int = jaxbp.layers.conv(x, w, padding=1)
+    np.testing.assert_array_equal(by_int, jaxbp.layers.conv(x, w, padding=((1, 1), (1, 1))))
+    np.testing.assert_array_equal(by_int, jaxbp.reference.conv(x, w, padding=1))
+    pooled = jaxbp.layers.max_pool(x, 3, stride=1, padding=1)
+    assert pooled.shape == (1, 5, 5, 2)
+    with pytest.raises(ValueError, match="conv: padding must be >= 0, got -1"):
+        jaxbp.layers.conv(x, w, padding=-1)
+
+
 def test_a_name_taken_by_another_module_is_refused():
     with pytest.raises(RegistryError, match="layer 'relu' is already registered by "
                                             "jaxbp.builtins"):

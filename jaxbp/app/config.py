@@ -58,8 +58,8 @@ Unknown keys are errors.
       eval_every [1] (epochs between test evaluations),
       checkpoint_every [1] (epochs between checkpoints; 0: none)
 
-`load_config` checks all of this once and returns a read-only `Section` (values read
-by attribute: `cfg.data.batch_size`). Shape checks that need the data set's shape
+`load_config` checks all of this once and returns a read-only, typed `Config` (its
+sections read by attribute: `cfg.data.batch_size`, `cfg.model.layers[0].type`). Shape checks that need the data set's shape
 (kernels that do not fit, the last layer's size) happen in
 `jaxbp.app.model.build_model`, which raises the same `ConfigError`.
 """
@@ -70,7 +70,7 @@ import os
 import re
 import sys
 from types import MappingProxyType
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -80,7 +80,8 @@ from jaxbp.schema import (BOOLEAN, FRACTION, POSITIVE, POSITIVE_INT, REQUIRED, S
                           ConfigError, Key, join_path, check_mapping, choice, integer, list_of,
                           mapping, number, optional, tagged)
 
-__all__ = ["ConfigError", "Section", "DATA", "TRAIN", "schema", "validate_config",
+__all__ = ["ConfigError", "Section", "Config", "ModelConfig", "LayerConfig", "OptimizerConfig",
+           "ScheduleConfig", "DataConfig", "TrainConfig", "DATA", "TRAIN", "schema", "validate_config",
            "validate_model", "validate_optimizer", "load_config",
            "apply_override", "dump_config", "read_yaml", "parse_value", "import_modules"]
 
@@ -209,10 +210,13 @@ class Section(Mapping):
     code that takes plain mappings (`jaxbp.app.data`)."""
 
     __slots__ = ("_values",)
+    # key -> the Section subclass its mapping (or each item of its list) becomes
+    _nested: ClassVar[dict] = {}
 
     def __init__(self, values: Mapping[str, Any]):
         object.__setattr__(self, "_values", MappingProxyType(
-            {key: _frozen(value) for key, value in values.items()}))
+            {key: _frozen(value, self._nested.get(key, Section))
+             for key, value in values.items()}))
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -234,7 +238,7 @@ class Section(Mapping):
         return len(self._values)
 
     def __repr__(self) -> str:
-        return f"Section({self.to_dict()!r})"
+        return f"{type(self).__name__}({self.to_dict()!r})"
 
     def __eq__(self, other: Any) -> bool:
         """Equal to a Section or a plain mapping of the same values (lists for tuples)."""
@@ -246,7 +250,7 @@ class Section(Mapping):
         return hash(tuple(self._values.items()))
 
     def __reduce__(self):
-        return Section, (self.to_dict(),)
+        return type(self), (self.to_dict(),)
 
     def __copy__(self) -> "Section":
         return self
@@ -259,12 +263,71 @@ class Section(Mapping):
         return {key: _thawed(value) for key, value in self._values.items()}
 
 
-def _frozen(value: Any) -> Any:
+def _frozen(value: Any, section: type) -> Any:
     if isinstance(value, Mapping) and not isinstance(value, Section):
-        return Section(value)
+        return section(value)
     if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
+        return tuple(_frozen(v, section) for v in value)
     return value
+
+
+class LayerConfig(Section):
+    """One item of `model.layers`: its `type` and that layer's hyperparameters."""
+    type: str
+
+    @property
+    def hyperparameters(self) -> dict:
+        """Every key but `type`, as plain values (lists, dicts)."""
+        return {k: _thawed(v) for k, v in self.items() if k != "type"}
+
+
+class ModelConfig(Section):
+    input_shape: Optional[Tuple[int, ...]]
+    layers: Tuple[LayerConfig, ...]
+    _nested = {"layers": LayerConfig}
+
+
+class ScheduleConfig(Section):
+    """`name` and that schedule's keys (`alpha`, `decay_rate`, ...)."""
+    name: str
+
+
+class OptimizerConfig(Section):
+    """`name`, `learning_rate`, `schedule` and that optimizer's keys (`momentum`, `b1`, ...)."""
+    name: str
+    learning_rate: float
+    schedule: ScheduleConfig
+    _nested = {"schedule": ScheduleConfig}
+
+
+class DataConfig(Section):
+    name: str
+    batch_size: int
+    normalize: str
+    dir: Optional[str]
+    data_dir: Optional[str]
+    limit_train: Optional[int]
+    limit_test: Optional[int]
+
+
+class TrainConfig(Section):
+    epochs: int
+    seed: int
+    precision: str
+    eval_every: int
+    checkpoint_every: int
+
+
+class Config(Section):
+    """A whole validated config (`load_config`): its sections by attribute."""
+    imports: Tuple[str, ...]
+    model: ModelConfig
+    loss: str
+    optimizer: OptimizerConfig
+    data: DataConfig
+    train: TrainConfig
+    _nested = {"model": ModelConfig, "optimizer": OptimizerConfig, "data": DataConfig,
+               "train": TrainConfig}
 
 
 def _thawed(value: Any) -> Any:
@@ -300,20 +363,20 @@ def _check_schedule(schedule: dict, epochs: int) -> None:
                               f"got {bounds}")
 
 
-def validate_model(raw: Any, loss: str) -> Section:
+def validate_model(raw: Any, loss: str) -> ModelConfig:
     """One `model` section checked on its own (as `validate_config` checks it), for building
     a model without a whole config."""
     model = check_mapping("model", raw, _model_schema())
     _check_last_layer(model, loss)
-    return Section(model)
+    return ModelConfig(model)
 
 
-def validate_optimizer(raw: Any, epochs: int) -> Section:
+def validate_optimizer(raw: Any, epochs: int) -> OptimizerConfig:
     """One `optimizer` section checked on its own (as `validate_config` checks it), for
     building an optimizer without a whole config."""
     opt = _OPTIMIZER.fn("optimizer", raw)
     _check_schedule(opt["schedule"], epochs)
-    return Section(opt)
+    return OptimizerConfig(opt)
 
 
 def import_modules(names: Sequence[str], search: Sequence[str] = ()) -> None:
@@ -342,7 +405,7 @@ def import_modules(names: Sequence[str], search: Sequence[str] = ()) -> None:
             sys.path.remove(folder)
 
 
-def validate_config(raw: Any, search: Sequence[str] = ()) -> Section:
+def validate_config(raw: Any, search: Sequence[str] = ()) -> Config:
     """Checks a whole config (as read from YAML), once, into a read-only `Section`.
 
     The modules of `imports` are imported first (from `search` first), so that the layers
@@ -359,7 +422,7 @@ def validate_config(raw: Any, search: Sequence[str] = ()) -> Section:
     cfg = check_mapping("", raw, schema())
     _check_last_layer(cfg["model"], cfg["loss"])
     _check_schedule(cfg["optimizer"]["schedule"], cfg["train"]["epochs"])
-    return Section(cfg)
+    return Config(cfg)
 
 
 # ---------------------------------------------------------------- files and overrides
@@ -424,7 +487,7 @@ def apply_override(cfg: dict, override: str) -> dict:
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Section:
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
     """Reads a YAML config, applies `--set` overrides in order, validates and fills defaults."""
     raw = read_yaml(path)
     for override in overrides:

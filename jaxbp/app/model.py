@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,9 @@ from jaxbp import nn, registry
 from jaxbp._spatial import LayerArgumentError
 from jaxbp.registry import HAND
 from jaxbp.schema import REQUIRED, ConfigError
+
+if TYPE_CHECKING:  # the app's config types; this module takes any object shaped like them
+    from jaxbp.app.config import LayerConfig, ModelConfig
 
 Shape = Tuple[int, ...]
 
@@ -77,19 +80,15 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _describe(item: Mapping) -> str:
+def _describe(item: LayerConfig) -> str:
     """'conv(features=6, kernel=5, padding=SAME)': the type and its non-default keys."""
-    schema = registry.get(item["type"]).hyperparameters
-    shown = [f"{k}={_format_value(v)}" for k, v in item.items()
-             if k != "type" and not _is_default(k, v, schema[k])]
-    return f"{item['type']}({', '.join(shown)})" if shown else item["type"]
+    schema = registry.get(item.type).hyperparameters
+    shown = [f"{k}={_format_value(v)}" for k, v in item.hyperparameters.items()
+             if not _is_default(k, v, schema[k])]
+    return f"{item.type}({', '.join(shown)})" if shown else item.type
 
 
-def _hyperparameters(item: Mapping) -> dict:
-    return {k: _plain(v) for k, v in item.items() if k != "type"}
-
-
-def _trace(layers: Sequence[nn.Layer], items: Sequence[Mapping], input_shape: Shape
+def _trace(layers: Sequence[nn.Layer], items: Sequence[LayerConfig], input_shape: Shape
            ) -> Tuple[SummaryRow, ...]:
     """Summary rows from abstract inits; a layer that rejects its input becomes a ConfigError."""
     rows, shape = [], input_shape
@@ -104,9 +103,9 @@ def _trace(layers: Sequence[nn.Layer], items: Sequence[Mapping], input_shape: Sh
         try:
             params = jax.eval_shape(abstract_init, key)
         except LayerArgumentError as err:
-            raise ConfigError(f"model.layers[{index}] ({item['type']}): input of shape {shape}: "
+            raise ConfigError(f"model.layers[{index}] ({item.type}): input of shape {shape}: "
                               f"{err}") from None
-        rows.append(SummaryRow(index, item["type"], _describe(item), shape, out["shape"],
+        rows.append(SummaryRow(index, item.type, _describe(item), shape, out["shape"],
                                {name: tuple(p.shape) for name, p in params.items()}))
         shape = out["shape"]
     return tuple(rows)
@@ -122,14 +121,14 @@ def _model_input_shape(wanted, data_shape: Sequence[int]) -> Shape:
     return tuple(wanted)
 
 
-def _build_layer(index: int, item: Mapping) -> nn.Layer:
+def _build_layer(index: int, item: LayerConfig) -> nn.Layer:
     try:
-        return nn.layer(item["type"], **_hyperparameters(item))
+        return nn.layer(item.type, **item.hyperparameters)
     except (ConfigError, LayerArgumentError) as err:  # values the schema let through
-        raise ConfigError(f"model.layers[{index}] ({item['type']}): {err}") from None
+        raise ConfigError(f"model.layers[{index}] ({item.type}): {err}") from None
 
 
-def build_model(model_cfg: Mapping, loss_name: str, input_shape: Sequence[int],
+def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[int],
                 num_classes: int) -> Model:
     """Builds the network of a validated `model` section and checks every shape.
 
@@ -144,8 +143,8 @@ def build_model(model_cfg: Mapping, loss_name: str, input_shape: Sequence[int],
         (`model.layers[3] (conv): ...`), or an output size that is not `num_classes`.
     """
     loss_rule = registry.get(loss_name, "loss")
-    shape = _model_input_shape(model_cfg["input_shape"], input_shape)
-    items = model_cfg["layers"]
+    shape = _model_input_shape(model_cfg.input_shape, input_shape)
+    items = model_cfg.layers
     layers = [_build_layer(i, item) for i, item in enumerate(items)]
     summary = _trace(layers, items, shape)
     last = summary[-1]
