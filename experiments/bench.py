@@ -58,7 +58,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # before jaxbp.runtime adds its own
 
-from jaxbp import runtime  # noqa: E402  (no JAX computation happens on import)
+from jaxbp import runtime  # noqa: E402  (importing jaxbp applies its runtime defaults)
 
 MATMUL_SIZE = 2048
 MODELS = ("seed002", "lenet5_classic", "lenet5", "wide")
@@ -528,7 +528,6 @@ def parse_args(argv=None):
 
 def child_main(args) -> int:
     """Times hand and autodiff with whatever settings this process was started with."""
-    runtime.configure()  # a no-op under JAXBP_TUNING=0, which the parent sets
     results = [measure_case(m, b, args, None, False) for m in args.models for b in args.batches]
     with open(args.child, "w") as f:
         json.dump(results, f)
@@ -539,7 +538,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
-    applied = runtime.configure()
+    applied = runtime.applied()  # by `import jaxbp`, before any JAX computation
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = machine_load()
     import jax

@@ -1,6 +1,9 @@
-"""jaxbp.runtime: the CPU defaults the CLI applies, and the switch that turns them off."""
+"""jaxbp.runtime: the CPU defaults that importing jaxbp applies, and the switch that turns
+them off."""
 import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -27,35 +30,47 @@ def test_xla_flags_are_appended_unless_the_user_set_them(current, expected):
     assert runtime.with_xla_flags(runtime.with_xla_flags(current)) == expected
 
 
-def test_configure_before_the_backend_starts(monkeypatch):
-    monkeypatch.setattr(runtime, "_backend_started", lambda: False)
-    monkeypatch.setattr(runtime, "_set_malloc_options", lambda: True)
-    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
-    applied = runtime.configure(environ)
-    assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/d {YNN}=reduce"
-    assert applied[0] == f"XLA_FLAGS={environ['XLA_FLAGS']}"
-    assert runtime.configure(environ)[0].startswith("mallopt"), "flags are added only once"
+def _python(code: str, **environ) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (JAX's backend not started), warnings shown."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", runtime.TUNING_VARIABLE)}
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,
+                          text=True, env={**env, **environ})
+    assert done.returncode == 0, done.stderr
+    return done
 
 
-def test_configure_leaves_flags_alone_once_the_backend_runs(monkeypatch):
-    monkeypatch.setattr(runtime, "_backend_started", lambda: True)
-    monkeypatch.setattr(runtime, "_set_malloc_options", lambda: False)
-    environ = {}
-    assert not any(a.startswith("XLA_FLAGS") for a in runtime.configure(environ))
-    assert "XLA_FLAGS" not in environ
+REPORT = ("import os, jaxbp; from jaxbp import runtime; "
+          "print(os.environ.get('XLA_FLAGS')); print(runtime.applied())")
+STARTED_FIRST = "import jax.numpy as jnp; jnp.ones(2).block_until_ready(); " + REPORT
 
 
-def test_tuning_off_applies_nothing(monkeypatch):
-    monkeypatch.setattr(runtime, "_set_malloc_options", lambda: pytest.fail("mallopt called"))
-    environ = {runtime.TUNING_VARIABLE: "0"}
-    assert runtime.configure(environ) == []
-    assert environ == {runtime.TUNING_VARIABLE: "0"}
+def test_importing_jaxbp_applies_the_defaults():
+    out = _python(REPORT, XLA_FLAGS="--xla_dump_to=/tmp/d").stdout.splitlines()
+    assert out[0] == f"--xla_dump_to=/tmp/d {YNN}=reduce"
+    assert f"XLA_FLAGS={out[0]}" in out[1]
+    if "glibc" in platform.libc_ver()[0]:
+        assert "mallopt(" in out[1]
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps") or "glibc" not in platform.libc_ver()[0],
-                    reason="mallopt is glibc's")
-def test_malloc_options_are_accepted_by_glibc():
-    assert runtime._set_malloc_options()
+def test_importing_jaxbp_after_the_backend_started_warns_once():
+    done = _python(STARTED_FIRST + "; runtime.configure_on_import()")
+    flags, applied = done.stdout.splitlines()
+    assert flags == "None" and "XLA_FLAGS" not in applied, "too late: left alone"
+    assert done.stderr.count("TuningWarning") == 1, done.stderr
+    assert "Import jaxbp before the first JAX computation" in done.stderr
+    assert f"XLA_FLAGS={YNN}=reduce" in done.stderr
+
+
+def test_no_warning_when_the_user_set_the_flag():
+    done = _python(STARTED_FIRST, XLA_FLAGS=f"{YNN}=reduce")
+    assert "TuningWarning" not in done.stderr
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["fresh", "backend started"])
+def test_tuning_off_applies_nothing_and_warns_nothing(started):
+    done = _python(STARTED_FIRST if started else REPORT, **{runtime.TUNING_VARIABLE: "0"})
+    assert done.stdout.splitlines() == ["None", "[]"]
+    assert "TuningWarning" not in done.stderr
 
 
 @pytest.mark.parametrize("tuning,backend,enabled", [(None, "cpu", True), ("0", "cpu", False),

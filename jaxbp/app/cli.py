@@ -13,8 +13,8 @@ holds another run), reported as one line "jaxbp: error: ..." on stderr, with
 nothing in DIR touched; 3 training diverged (NaN or infinite loss), the last good
 checkpoint kept; 130 interrupted by Ctrl-C.
 
-Every command first applies jaxbp's CPU defaults (`jaxbp.runtime`: an XLA flag and malloc
-settings); JAXBP_TUNING=0 in the environment leaves JAX's defaults instead.
+Importing jaxbp has applied its CPU defaults before any command runs (`jaxbp.runtime`: an XLA
+flag and malloc settings); JAXBP_TUNING=0 in the environment leaves JAX's defaults instead.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from jaxbp import runtime
 from jaxbp.app import data
 from jaxbp.app.check import run_check
 from jaxbp.app.checkpoint import CHECKPOINT_DIR
@@ -130,7 +129,6 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command; returns the exit code (see the module docstring)."""
-    runtime.configure()  # before the first JAX computation, when XLA reads its flags
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
