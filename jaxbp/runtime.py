@@ -20,9 +20,9 @@ XLA flag can no longer take effect and jaxbp warns once (`TuningWarning`), sayin
 it back; on a GPU backend it says nothing.
 
 `JAXBP_TUNING=0` (or false/no/off) turns all of it off, including the per-shape choice of
-formulation in the hand-written rules (`formulations_enabled`), leaving JAX's defaults. The
-formulations are chosen on the CPU backend only; the XLA flag and malloc settings do nothing
-to a GPU's kernels.
+formulation in the hand-written rules (`formulations_enabled`, `jaxbp.fast`), leaving JAX's
+defaults. The formulations measured on the CPU run only where a computation is compiled for
+the CPU; the XLA flag and malloc settings do nothing to a GPU's kernels.
 """
 from __future__ import annotations
 
@@ -50,11 +50,11 @@ def tuning_enabled(environ: Optional[MutableMapping[str, str]] = None) -> bool:
 
 
 def formulations_enabled() -> bool:
-    """Whether the hand rules may pick a faster formulation per shape at trace time: on the
-    CPU backend only, where they were measured (on a GPU, XLA's convolutions are cuDNN's),
-    and not under JAXBP_TUNING=0. Asked while tracing, when JAX's backend is running."""
-    import jax
-    return tuning_enabled() and jax.default_backend() == "cpu"
+    """Whether `jaxbp.fast` may select a faster formulation of a hand rule per shape (at trace
+    time): not under JAXBP_TUNING=0. Where the backend matters it is not asked here: a
+    formulation measured on the CPU is staged as `lax.platform_dependent(cpu=..., default=
+    plain)`, resolved for the platform the computation is compiled for."""
+    return tuning_enabled()
 
 
 def _missing(current: str, flags=XLA_FLAGS) -> List[str]:

@@ -11,6 +11,8 @@ from jax.test_util import check_grads
 
 from gradcheck import assert_matches_reference, random_inputs
 
+from jaxbp import fast
+
 hand = importlib.import_module("jaxbp.layers.conv")
 plain = importlib.import_module("jaxbp.reference.conv")
 
@@ -94,14 +96,21 @@ def _grid_params():
     return params
 
 
+def _both(kwargs):
+    """The hand conv and its twin with `kwargs` bound, jitted: compiling the forward once is
+    much cheaper than dispatching the per-tap products one by one (test_jit and the seeds'
+    examples run the rule unjitted)."""
+    return (jax.jit(functools.partial(hand.conv, **kwargs)),
+            jax.jit(functools.partial(plain.conv, **kwargs)))
+
+
 @pytest.mark.parametrize("seed,case,dtype", _grid_params())
 def test_gradients_match_reference(seed, case, dtype):
     w_shape = (*case["kernel"], case["in_ch"] // case["kwargs"]["groups"], case["out_ch"])
     shapes = [(case["batch"], *case["spatial"], case["in_ch"]), w_shape, (case["out_ch"],)]
     x, w, b = random_inputs(seed, shapes, dtype)
     args, argnums = ((x, w, b), (0, 1, 2)) if case["bias"] else ((x, w), (0, 1))
-    assert_matches_reference(functools.partial(hand.conv, **case["kwargs"]),
-                             functools.partial(plain.conv, **case["kwargs"]), args, argnums)
+    assert_matches_reference(*_both(case["kwargs"]), args, argnums)
 
 
 # ---------------------------------------------------------------- worked examples from the seeds
@@ -112,7 +121,8 @@ def _vjp(fn, args, cotangent):
 
 
 def test_seed_004_kernel_gradient_entry_by_entry():
-    """3x3 input V, 2x2 kernel W, output G: dE/dW1 = dG1 V1 + dG2 V2 + dG3 V4 + dG4 V5, etc."""
+    """DERIVATIONS.md §2.4; seed 004, the Q&A working the filter gradient by hand: 3x3 input V,
+    2x2 kernel W, output G: dE/dW1 = dG1 V1 + dG2 V2 + dG3 V4 + dG4 V5, etc."""
     V1, V2, V3, V4, V5, V6, V7, V8, V9 = 1, 2, 3, 4, 5, 6, 7, 8, 9
     W1, W2, W3, W4 = 2, -1, 0, 3
     dG1, dG2, dG3, dG4 = 1, -2, 3, 1
@@ -136,9 +146,9 @@ def test_seed_004_kernel_gradient_entry_by_entry():
 
 
 def _numpy_input_delta(delta, kernel, stride, in_shape):
-    """Seed 003, independently in numpy: spread the delta by the stride, zero-pad it by k - 1 all
-    round and slide the 180-degree-rotated kernel over it; input rows past the last window
-    stay 0."""
+    """DERIVATIONS.md §2.2-§2.3 (seed 003, the rotated-kernel post), independently in numpy:
+    spread the delta by the stride, zero-pad it by k - 1 all round and slide the
+    180-degree-rotated kernel over it; input rows past the last window stay 0."""
     spread = np.zeros([(n - 1) * stride + 1 for n in delta.shape])
     spread[::stride, ::stride] = delta
     kh, kw = kernel.shape
@@ -156,14 +166,18 @@ def _numpy_input_delta(delta, kernel, stride, in_shape):
 KERNEL_2x3 = np.array([[1, -2, 3], [0, 4, -1]])
 
 
-@pytest.mark.parametrize("in_shape,stride", [((4, 5), 1), ((5, 6), 1), ((7, 8), 2), ((7, 9), 3)])
-def test_seed_003_input_delta_is_full_correlation_with_rotated_kernel(in_shape, stride):
+@pytest.mark.parametrize("in_shape,stride,input_delta", [
+    ((4, 5), 1, "plain"), ((4, 5), 1, "band"), ((5, 6), 1, "plain"), ((5, 6), 1, "band"),
+    ((7, 8), 2, "plain"), ((7, 9), 3, "plain")])
+def test_seed_003_input_delta_is_full_correlation_with_rotated_kernel(in_shape, stride,
+                                                                      input_delta):
     out_shape = [(n - k) // stride + 1 for n, k in zip(in_shape, KERNEL_2x3.shape)]
     delta = np.random.default_rng(stride).integers(-5, 6, size=out_shape)
     x = jnp.ones((1, *in_shape, 1), jnp.float64)
     w = jnp.asarray(KERNEL_2x3, jnp.float64).reshape(2, 3, 1, 1)
-    _, (dx, _) = _vjp(functools.partial(hand.conv2d, stride=stride), (x, w),
-                      delta.reshape(1, *out_shape, 1))
+    with fast.use({"conv.input_delta": input_delta}):
+        _, (dx, _) = _vjp(jax.jit(functools.partial(hand.conv2d, stride=stride)), (x, w),
+                          delta.reshape(1, *out_shape, 1))
     dx = np.asarray(dx).reshape(in_shape)
     np.testing.assert_array_equal(dx, _numpy_input_delta(delta, KERNEL_2x3, stride, in_shape))
     reached = [(o - 1) * stride + k for o, k in zip(out_shape, KERNEL_2x3.shape)]
@@ -171,7 +185,8 @@ def test_seed_003_input_delta_is_full_correlation_with_rotated_kernel(in_shape, 
 
 
 def test_seed_000_one_dimensional_delta_is_sum_of_shifted_weighted_deltas():
-    """delta(l-1)_i = sum_a delta(l)_{i-a} w_a, i.e. numpy's (flipping) full convolution."""
+    """DERIVATIONS.md §2.2; seed 000, the Q&A deriving a 1-D convolutional layer's delta:
+    delta(l-1)_i = sum_a delta(l)_{i-a} w_a, i.e. numpy's (flipping) full convolution."""
     w, delta = np.array([2, -1, 3]), np.array([1, 4, -2, 5, 3])
     kernel = jnp.asarray(w, jnp.float64).reshape(3, 1, 1)
     _, (dx, _) = _vjp(hand.conv1d, (jnp.ones((1, 7, 1)), kernel), delta.reshape(1, 5, 1))
@@ -180,8 +195,9 @@ def test_seed_000_one_dimensional_delta_is_sum_of_shifted_weighted_deltas():
 
 
 def test_seed_003_depth_question_gradient_per_input_channel():
-    """An input of depth 3 and two kernels of depth 3: each input channel gets the sum over the
-    output channels of the full correlation of that output's delta with its own kernel slice."""
+    """DERIVATIONS.md §2.3; seed 003's question on inputs of depth > 1: an input of depth 3 and
+    two kernels of depth 3: each input channel gets the sum over the output channels of the
+    full correlation of that output's delta with its own kernel slice."""
     rng = np.random.default_rng(3)
     w = rng.integers(-3, 4, size=(2, 3, 3, 2))
     delta = rng.integers(-3, 4, size=(1, 4, 3, 2))
@@ -211,145 +227,112 @@ def test_forward_is_a_custom_vjp_call():
 
 def test_residuals_are_x_and_w_only():
     x, w, b = _strided_args()
-    geometry = plain.conv_geometry("conv", None, x, w, b, **STRIDED)
-    _, residuals = hand._conv_fwd(x, w, b, geometry, True)
-    assert len(residuals) == 2 and residuals[0] is x and residuals[1] is w
+    pullback = jax.vjp(functools.partial(hand.conv, **STRIDED), x, w, b)[1]
+    saved = jax.tree_util.tree_leaves(pullback)
+    assert len(saved) == 2
+    np.testing.assert_array_equal(saved[0], x)
+    np.testing.assert_array_equal(saved[1], w)
 
 
-def _break(monkeypatch, name):
-    """Replaces `hand.<name>` by 1.01 times itself: a rule that is wrong, on purpose."""
-    honest = getattr(hand, name)
-    monkeypatch.setattr(hand, name, lambda *args: 1.01 * honest(*args))
+def _scaled_gradient(argnum):
+    """hand.conv with the gradient of argument `argnum` 1.01 times too large: a rule that is
+    wrong on purpose, built from the public layer."""
+    @jax.custom_vjp
+    def wrong(x, w, b):
+        return hand.conv(x, w, b, **STRIDED)
+
+    def wrong_fwd(x, w, b):
+        return jax.vjp(functools.partial(hand.conv, **STRIDED), x, w, b)
+
+    def wrong_bwd(pullback, dy):
+        grads = list(pullback(dy))
+        grads[argnum] = 1.01 * grads[argnum]
+        return tuple(grads)
+
+    wrong.defvjp(wrong_fwd, wrong_bwd)
+    return wrong
 
 
-@pytest.mark.parametrize("name,argnum", [("_input_delta", 0), ("_kernel_grad", 1),
-                                         ("_bias_grad", 2)])
-def test_a_broken_rule_fails_the_comparison(monkeypatch, name, argnum):
-    _break(monkeypatch, name)
+@pytest.mark.parametrize("argnum", [0, 1, 2])
+def test_a_wrong_gradient_fails_the_comparison(argnum):
     with pytest.raises(AssertionError, match=f"gradient of argument {argnum}"):
-        assert_matches_reference(functools.partial(hand.conv, **STRIDED),
+        assert_matches_reference(_scaled_gradient(argnum),
                                  functools.partial(plain.conv, **STRIDED), _strided_args(),
                                  (0, 1, 2))
 
 
-# ---------------------------------------------------------------- forward formulations
+# ---------------------------------------------------------------- formulations (jaxbp.fast)
 
-# Shapes that select a per-tap forward (1-3 input channels, groups 1): `_forward_by_taps` with
-# fewer outputs than taps * inputs, else `_forward_by_tap_matmul`; with 16 or more outputs also
-# `_kernel_grad_by_taps`. The first layers of configs/seed002.yaml, wide.yaml and
-# lenet5_classic.yaml at batch 2, and strided/dilated/padded 1-D to 3-D cases.
-# (x shape, w shape, kwargs)
+def _chosen(slot, x_shape, w_shape, stride=1, padding="VALID", dilation=1, groups=1):
+    """The formulation jaxbp.fast selects for `slot` of conv(x, w, **kwargs)."""
+    geometry = plain.conv_geometry("conv", None, np.zeros(x_shape), np.zeros(w_shape), None,
+                                   stride, padding, dilation, groups)
+    return fast.chosen(slot, x_shape, w_shape, geometry)
+
+
+def _plan(x_shape, w_shape, **kwargs):
+    return {slot: _chosen(f"conv.{slot}", x_shape, w_shape, **kwargs)
+            for slot in ("forward", "input_delta", "kernel_grad", "bias_grad")}
+
+
+def _assert_forced_matches_reference(choices, x_shape, w_shape, kwargs, seed=5, bias=True):
+    x, w, b = random_inputs(seed, [x_shape, w_shape, (w_shape[-1],)], jnp.float64)
+    args, argnums = ((x, w, b), (0, 1, 2)) if bias else ((x, w), (0, 1))
+    with fast.use(choices):
+        assert_matches_reference(*_both(kwargs), args, argnums)
+
+
+# The per-tap formulations, each forced on several shapes: the first layers of
+# configs/seed002.yaml, wide.yaml and lenet5_classic.yaml at batch 2 (what they select there),
+# strided/dilated/padded 1-D to 3-D cases, and 4 input channels, where nothing selects them
+# but they still compute the rule.  (x shape, w shape, kwargs, forced formulations)
+TAPS, MATMUL = "taps", "tap_matmul"
 TAPS_CASES = [
-    ((2, 28, 28, 1), (5, 5, 1, 3), {}),
-    ((2, 28, 28, 1), (3, 3, 1, 32), dict(padding="SAME")),
-    ((2, 28, 28, 1), (5, 5, 1, 6), dict(padding="SAME")),
-    ((2, 9, 3), (3, 3, 4), dict(stride=2, padding=((2, 1),), dilation=2)),
-    ((2, 9, 3), (3, 3, 16), dict(stride=3, padding=((0, 2),), dilation=2)),
-    ((1, 7, 6, 2), (2, 3, 2, 3), dict(stride=(2, 1), padding=((0, 3), (1, 1)), dilation=(1, 2))),
-    ((1, 7, 6, 2), (2, 3, 2, 17), dict(stride=(2, 3), padding=((3, 0), (1, 1)), dilation=(2, 1))),
-    ((1, 4, 5, 3, 1), (2, 1, 2, 1, 2), dict(stride=(1, 2, 2), padding="SAME")),
-    ((2, 4, 5, 3, 3), (2, 2, 2, 3, 16), dict(stride=(2, 1, 1), padding="SAME", dilation=2)),
+    ((2, 28, 28, 1), (5, 5, 1, 3), {}, dict(forward=TAPS, bias_grad="rows")),
+    ((2, 28, 28, 1), (3, 3, 1, 32), dict(padding="SAME"), dict(forward=MATMUL, kernel_grad=TAPS)),
+    ((2, 28, 28, 1), (5, 5, 1, 6), dict(padding="SAME"), dict(forward=TAPS)),
+    ((2, 9, 3), (3, 3, 4), dict(stride=2, padding=((2, 1),), dilation=2),
+     dict(forward=TAPS, kernel_grad=TAPS)),
+    ((2, 9, 3), (3, 3, 16), dict(stride=3, padding=((0, 2),), dilation=2),
+     dict(forward=MATMUL, kernel_grad=TAPS, bias_grad="rows")),
+    ((1, 7, 6, 2), (2, 3, 2, 3), dict(stride=(2, 1), padding=((0, 3), (1, 1)), dilation=(1, 2)),
+     dict(forward=MATMUL, kernel_grad=TAPS)),
+    ((1, 7, 6, 2), (2, 3, 2, 17), dict(stride=(2, 3), padding=((3, 0), (1, 1)), dilation=(2, 1)),
+     dict(forward=TAPS, kernel_grad=TAPS)),
+    ((1, 4, 5, 3, 1), (2, 1, 2, 1, 2), dict(stride=(1, 2, 2), padding="SAME"),
+     dict(forward=MATMUL, kernel_grad=TAPS)),
+    ((2, 4, 5, 3, 3), (2, 2, 2, 3, 16), dict(stride=(2, 1, 1), padding="SAME", dilation=2),
+     dict(forward=TAPS, kernel_grad=TAPS)),
+    ((1, 6, 6, 4), (3, 3, 4, 4), dict(padding="SAME"),
+     dict(forward=TAPS, kernel_grad=TAPS, bias_grad="rows")),
+    ((1, 6, 6, 4), (3, 3, 4, 4), dict(stride=2), dict(forward=MATMUL, bias_grad="plain")),
 ]
 
 
-def _taps_id(case):
-    return "x" + "x".join(map(str, case[0])) + "-w" + "x".join(map(str, case[1]))
+def _shapes_id(case):
+    return ("x" + "x".join(map(str, case[0])) + "-w" + "x".join(map(str, case[1])) + "-"
+            + "-".join(case[3].values()))
 
 
-def _selects_taps(x, w, **kwargs):
-    """Whether the hand forward of these shapes runs as per-tap products (no XLA convolution)."""
-    jaxpr = str(jax.make_jaxpr(functools.partial(hand.conv, **kwargs))(x, w))
-    return "conv_general_dilated" not in jaxpr
+def test_every_tap_formulation_is_forced_on_every_rank():
+    for slot, name in (("forward", TAPS), ("forward", MATMUL), ("kernel_grad", TAPS)):
+        assert {len(x) - 2 for x, _, _, forced in TAPS_CASES if forced.get(slot) == name} == {
+            1, 2, 3}, (slot, name)
 
 
-@pytest.mark.parametrize("x_shape,w_shape,kwargs", TAPS_CASES,
-                         ids=[_taps_id(c) for c in TAPS_CASES])
-def test_forward_by_taps_matches_reference(x_shape, w_shape, kwargs):
-    x, w, b = random_inputs(5, [x_shape, w_shape, (w_shape[-1],)], jnp.float64)
-    assert _selects_taps(x, w, **kwargs)
-    assert_matches_reference(functools.partial(hand.conv, **kwargs),
-                             functools.partial(plain.conv, **kwargs), (x, w, b), (0, 1, 2))
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,forced", TAPS_CASES,
+                         ids=[_shapes_id(c) for c in TAPS_CASES])
+def test_forced_tap_formulations_match_reference(x_shape, w_shape, kwargs, forced):
+    """y = sum_k x_pad[o * s + k * d] @ w[k] + b (DERIVATIONS.md §2.1) and dw[k] = sum_{n, o}
+    x_pad[o * s + k * d]^T dy[o] (§2.4; seed 004, the filter gradient worked by hand), tap by
+    tap, against jax.grad of XLA's convolution."""
+    choices = {f"conv.{slot}": name for slot, name in forced.items()}
+    _assert_forced_matches_reference(choices, x_shape, w_shape, kwargs)
 
 
-@pytest.mark.parametrize("x_shape,w_shape,groups,taps", [
-    ((1, 6, 6, 3), (3, 3, 3, 4), 1, True),
-    ((1, 6, 6, 4), (3, 3, 4, 4), 1, False),
-    ((1, 6, 6, 2), (3, 3, 1, 4), 2, False),
-])
-def test_forward_formulation_is_chosen_by_input_channels(x_shape, w_shape, groups, taps):
-    x, w = random_inputs(1, [x_shape, w_shape], jnp.float64)
-    assert _selects_taps(x, w, groups=groups) == taps
-
-
-FORMULATIONS_OFF = ["JAXBP_TUNING=0", "gpu backend"]
-
-
-def _formulations_off(monkeypatch, how):
-    """The formulations chosen per shape are CPU measurements: off by the switch, and off on
-    any other backend (faked here, as CI has no GPU)."""
-    if how == "JAXBP_TUNING=0":
-        monkeypatch.setenv("JAXBP_TUNING", "0")
-    else:
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-
-
-@pytest.mark.parametrize("how", FORMULATIONS_OFF)
-def test_formulations_off_keep_xla_convolution(monkeypatch, how):
-    x, w = random_inputs(1, [(1, 6, 6, 1), (3, 3, 1, 2)], jnp.float64)
-    _formulations_off(monkeypatch, how)
-    assert not _selects_taps(x, w)
-    assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
-
-
-def test_broken_forward_by_taps_fails_the_comparison(monkeypatch):
-    _break(monkeypatch, "_forward_by_taps")
-    x, w = random_inputs(2, [(1, 6, 6, 2), (3, 3, 2, 2)], jnp.float64)
-    with pytest.raises(AssertionError, match="forward differs"):
-        assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
-
-
-@pytest.mark.parametrize("w_shape,by_taps", [
-    ((3, 3, 2, 17), True),    # 17 outputs < 18 taps * inputs
-    ((3, 3, 2, 18), False),
-    ((5, 5, 1, 6), True),     # lenet5_classic's first layer
-    ((3, 3, 1, 32), False),   # wide's and lenet5's
-    ((3, 1, 2), True),        # 1-D, 2 outputs < 3 taps
-    ((2, 1, 2, 1, 4), False), # 3-D, 4 taps
-])
-def test_thin_forward_is_chosen_by_outputs_against_taps(monkeypatch, w_shape, by_taps):
-    """Each per-tap forward, broken on purpose, fails exactly where the shapes select it."""
-    x_shape = (1, *([6] * (len(w_shape) - 2)), w_shape[-2])
-    x, w = random_inputs(4, [x_shape, w_shape], jnp.float64)
-    for name, selected in (("_forward_by_taps", by_taps), ("_forward_by_tap_matmul", not by_taps)):
-        with monkeypatch.context() as patch:
-            _break(patch, name)
-            if selected:
-                with pytest.raises(AssertionError, match="forward differs"):
-                    assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
-            else:
-                assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
-
-
-@pytest.mark.parametrize("out_ch,selected", [(16, True), (15, False)])
-def test_kernel_grad_by_taps_runs_for_few_inputs_and_many_outputs(monkeypatch, out_ch, selected):
-    """Broken on purpose, it fails the comparison exactly where the shapes select it."""
-    _break(monkeypatch, "_kernel_grad_by_taps")
-    x, w = random_inputs(3, [(1, 6, 6, 2), (3, 3, 2, out_ch)], jnp.float64)
-    compare = functools.partial(assert_matches_reference, functools.partial(hand.conv, stride=2),
-                                functools.partial(plain.conv, stride=2), (x, w), (0, 1))
-    if selected:
-        with pytest.raises(AssertionError, match="gradient of argument 1"):
-            compare()
-    else:
-        compare()
-
-
-# ---------------------------------------------------------------- input delta formulations
-
-# Shapes that select `_input_delta_by_band` (stride 1, dilation 1, groups 1, few input channels
-# against the band's extra multiplications): classic LeNet-5's second layer at batch 2, 1-D to
-# 3-D, "same", and explicit pads wider than the window or cropping the high end.
-# (x shape, w shape, kwargs)
+# Shapes where the banded input delta applies (stride 1, dilation 1, groups 1): classic
+# LeNet-5's second layer at batch 2, 1-D to 3-D, "same", and explicit pads wider than the
+# window or cropping the high end; the last two cost more than the threshold (not selected).
 BAND_CASES = [
     ((2, 14, 14, 6), (5, 5, 6, 16), {}),
     ((2, 9, 3), (4, 3, 5), dict(padding="SAME")),
@@ -357,62 +340,116 @@ BAND_CASES = [
     ((1, 7, 6, 2), (3, 2, 2, 3), dict(padding=((3, 1), (0, 2)))),
     ((2, 6, 5, 1), (2, 3, 1, 4), dict(padding="SAME")),
     ((1, 4, 5, 3, 2), (2, 3, 2, 2, 3), dict(padding=((1, 0), (0, 2), (1, 1)))),
+    ((1, 10, 10, 12), (3, 3, 12, 16), {}),
 ]
 
 
 @pytest.mark.parametrize("x_shape,w_shape,kwargs", BAND_CASES,
-                         ids=[_taps_id(c) for c in BAND_CASES])
-def test_input_delta_by_band_matches_reference(monkeypatch, x_shape, w_shape, kwargs):
-    x, w, b = random_inputs(6, [x_shape, w_shape, (w_shape[-1],)], jnp.float64)
-    compare = functools.partial(assert_matches_reference, functools.partial(hand.conv, **kwargs),
-                                functools.partial(plain.conv, **kwargs), (x, w, b), (0, 1, 2))
-    compare()
-    _break(monkeypatch, "_input_delta_by_band")
-    with pytest.raises(AssertionError, match="gradient of argument 0"):
-        compare()
+                         ids=[_shapes_id((*c, {})) for c in BAND_CASES])
+def test_forced_band_input_delta_matches_reference(x_shape, w_shape, kwargs):
+    """The full correlation of dy with the rotated kernel (DERIVATIONS.md §2.2; seed 003, the
+    rotated-kernel post), one banded matrix per kernel row."""
+    _assert_forced_matches_reference({"conv.input_delta": "band"}, x_shape, w_shape, kwargs,
+                                     seed=6)
 
 
-@pytest.mark.parametrize("x_shape,w_shape,kwargs,selected", [
-    ((1, 14, 14, 6), (5, 5, 6, 16), {}, True),                  # cost 6 * 1.43 = 8.6
-    ((1, 20, 20, 6), (5, 5, 6, 16), {}, True),                  # 6 * 2.56 = 15.4
-    ((1, 14, 14, 6), (5, 5, 6, 16), dict(padding="SAME"), False),  # 6 * 2.8 = 16.8
-    ((1, 10, 10, 12), (3, 3, 12, 16), {}, False),               # 12 * 2.13 = 25.6
-    ((1, 14, 14, 6), (5, 5, 6, 16), dict(stride=2), False),
-    ((1, 14, 14, 6), (5, 5, 6, 16), dict(dilation=2), False),
-    ((1, 14, 14, 6), (5, 5, 3, 16), dict(groups=2), False),
+@pytest.mark.parametrize("x_shape,w_shape,groups,forward", [
+    ((1, 6, 6, 3), (3, 3, 3, 4), 1, "taps"),
+    ((1, 6, 6, 4), (3, 3, 4, 4), 1, "plain"),
+    ((1, 6, 6, 2), (3, 3, 1, 4), 2, "plain"),
 ])
-def test_input_delta_by_band_runs_where_the_cost_selects_it(monkeypatch, x_shape, w_shape,
-                                                            kwargs, selected):
-    """Broken on purpose, it fails the comparison exactly where the shapes select it."""
-    x, w = random_inputs(8, [x_shape, w_shape], jnp.float64)
-    _break(monkeypatch, "_input_delta_by_band")
-    compare = functools.partial(assert_matches_reference, functools.partial(hand.conv, **kwargs),
-                                functools.partial(plain.conv, **kwargs), (x, w), (0, 1))
-    if selected:
-        with pytest.raises(AssertionError, match="gradient of argument 0"):
-            compare()
-    else:
-        compare()
+def test_forward_formulation_is_chosen_by_input_channels(x_shape, w_shape, groups, forward):
+    assert _chosen("conv.forward", x_shape, w_shape, groups=groups) == forward
 
 
-@pytest.mark.parametrize("how", FORMULATIONS_OFF)
-def test_formulations_off_keep_xla_input_delta(monkeypatch, how):
-    x, w = random_inputs(9, [(1, 14, 14, 6), (5, 5, 6, 16)], jnp.float64)
-    _formulations_off(monkeypatch, how)
-    _break(monkeypatch, "_input_delta_by_band")
-    assert_matches_reference(hand.conv, plain.conv, (x, w), (0, 1))
+@pytest.mark.parametrize("w_shape,forward", [
+    ((3, 3, 2, 17), "taps"),        # 17 outputs < 18 taps * inputs
+    ((3, 3, 2, 18), "tap_matmul"),
+    ((5, 5, 1, 6), "taps"),         # lenet5_classic's first layer
+    ((3, 3, 1, 32), "tap_matmul"),  # wide's and lenet5's
+    ((3, 1, 2), "taps"),            # 1-D, 2 outputs < 3 taps
+    ((2, 1, 2, 1, 4), "tap_matmul"),  # 3-D, 4 taps
+])
+def test_thin_forward_is_chosen_by_outputs_against_taps(w_shape, forward):
+    x_shape = (1, *([6] * (len(w_shape) - 2)), w_shape[-2])
+    assert _chosen("conv.forward", x_shape, w_shape) == forward
 
 
-@pytest.mark.parametrize("off", [None, *FORMULATIONS_OFF])
-@pytest.mark.parametrize("shape", [(3, 5, 7, 2), (4, 8, 8, 6), (2, 3, 64), (1, 5, 70), (13, 4)])
-def test_bias_grad_sums_every_position(monkeypatch, shape, off):
-    """Rows of several positions side by side (or one, when the count has no fitting divisor,
-    or the formulations are off)."""
-    if off:
-        _formulations_off(monkeypatch, off)
-    dy, = random_inputs(10, [shape], jnp.float64)
-    np.testing.assert_allclose(hand._bias_grad(dy), np.asarray(dy).reshape(-1, shape[-1]).sum(0),
-                               rtol=1e-13)
+@pytest.mark.parametrize("in_ch,out_ch,kernel_grad", [(2, 16, "taps"), (2, 15, "plain"),
+                                                      (4, 16, "plain")])
+def test_kernel_grad_by_taps_is_chosen_for_few_inputs_and_many_outputs(in_ch, out_ch,
+                                                                       kernel_grad):
+    assert _chosen("conv.kernel_grad", (1, 6, 6, in_ch), (3, 3, in_ch, out_ch),
+                   stride=2) == kernel_grad
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,input_delta", [
+    ((1, 14, 14, 6), (5, 5, 6, 16), {}, "band"),                   # cost 6 * 1.43 = 8.6
+    ((1, 20, 20, 6), (5, 5, 6, 16), {}, "band"),                   # 6 * 2.56 = 15.4
+    ((1, 14, 14, 6), (5, 5, 6, 16), dict(padding="SAME"), "plain"),  # 6 * 2.8 = 16.8
+    ((1, 10, 10, 12), (3, 3, 12, 16), {}, "plain"),                # 12 * 2.13 = 25.6
+    ((1, 14, 14, 6), (5, 5, 6, 16), dict(stride=2), "plain"),
+    ((1, 14, 14, 6), (5, 5, 6, 16), dict(dilation=2), "plain"),
+    ((1, 14, 14, 6), (5, 5, 3, 16), dict(groups=2), "plain"),
+])
+def test_band_input_delta_is_chosen_by_its_cost(x_shape, w_shape, kwargs, input_delta):
+    assert _chosen("conv.input_delta", x_shape, w_shape, **kwargs) == input_delta
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,plan", [
+    ((128, 28, 28, 1), (5, 5, 1, 3), {},                      # seed002's conv 3@5x5
+     dict(forward="taps", input_delta="band", kernel_grad="plain", bias_grad="rows")),
+    ((128, 28, 28, 1), (5, 5, 1, 6), dict(padding="SAME"),    # lenet5_classic, layer 1
+     dict(forward="taps", input_delta="band", kernel_grad="plain", bias_grad="rows")),
+    ((128, 14, 14, 6), (5, 5, 6, 16), {},                     # lenet5_classic, layer 2
+     dict(forward="plain", input_delta="band", kernel_grad="plain", bias_grad="rows")),
+    ((128, 28, 28, 1), (3, 3, 1, 32), dict(padding="SAME"),   # lenet5 and wide, layer 1
+     dict(forward="tap_matmul", input_delta="band", kernel_grad="taps", bias_grad="rows")),
+    ((128, 14, 14, 32), (3, 3, 32, 64), dict(padding="SAME"),  # lenet5, layer 2
+     dict(forward="plain", input_delta="plain", kernel_grad="plain", bias_grad="plain")),
+])
+def test_the_measured_models_get_their_formulations(x_shape, w_shape, kwargs, plan):
+    """The shapes experiments/results/README.md measured, and what they select."""
+    assert _plan(x_shape, w_shape, **kwargs) == plan
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 2), (4, 8, 8, 6), (2, 3, 64), (1, 5, 70), (13, 1, 4)])
+@pytest.mark.parametrize("name", ["plain", "rows"])
+def test_bias_grad_sums_every_position(shape, name):
+    """db = sum of dy over batch and positions (DERIVATIONS.md §2.5), by either formulation:
+    rows of several positions side by side (or one, when the count has no fitting divisor)."""
+    x_shape, w_shape = (*shape[:-1], 1), (*[1] * (len(shape) - 2), 1, shape[-1])
+    x, w, b, dy = random_inputs(10, [x_shape, w_shape, (shape[-1],), shape], jnp.float64)
+    with fast.use({"conv.bias_grad": name}):
+        db = jax.jit(lambda b: jax.vjp(lambda c: hand.conv(x, w, c), b)[1](dy)[0])(b)
+    np.testing.assert_allclose(db, np.asarray(dy).reshape(-1, shape[-1]).sum(0), rtol=1e-13)
+    assert _chosen("conv.bias_grad", x_shape, w_shape) == ("rows" if shape[-1] <= 32
+                                                           else "plain")
+
+
+def test_tuning_off_chooses_the_plain_rule(monkeypatch):
+    """JAXBP_TUNING=0: XLA's convolutions for every slot, unless one is forced."""
+    monkeypatch.setenv("JAXBP_TUNING", "0")
+    assert set(_plan((128, 28, 28, 1), (3, 3, 1, 32), padding="SAME").values()) == {"plain"}
+    x, w = random_inputs(1, [(1, 6, 6, 1), (3, 3, 1, 2)], jnp.float64)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(hand.conv(x, w)), (0, 1)))(x, w))
+    assert jaxpr.count("conv_general_dilated") == 3 and "platform_index" not in jaxpr
+    with fast.use({"conv.forward": "taps"}):
+        assert _chosen("conv.forward", (1, 6, 6, 1), (3, 3, 1, 2)) == "taps"
+        assert "conv_general_dilated" not in str(jax.make_jaxpr(hand.conv)(x, w))
+
+
+def test_the_stored_tap_sum_keeps_infinities():
+    """The taps forward stores its sum through a reduction that returns it bit for bit: an
+    infinite input gives infinite outputs (as XLA's convolution does), not NaN."""
+    x = np.zeros((1, 6, 6, 1))
+    x[0, 2, 3, 0] = np.inf
+    w = np.abs(np.asarray(random_inputs(2, [(3, 3, 1, 2)], jnp.float64)[0])) + 0.5
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    with fast.use({"conv.forward": "taps"}):
+        y = jax.jit(hand.conv)(x, w)
+    np.testing.assert_array_equal(y, plain.conv(x, w))
+    assert np.isposinf(y).sum() == 2 * 9 and not np.isnan(y).any()
 
 
 # ---------------------------------------------------------------- transformations

@@ -10,6 +10,7 @@ from jax.test_util import check_grads
 import jaxbp.layers.pooling as hand
 import jaxbp.reference.pooling as plain
 from gradcheck import assert_matches_reference, random_inputs
+from jaxbp import fast
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,7 +183,8 @@ def test_channel_max_ties_go_to_the_first_channel():
 # ---------------------------------------------------------------- seeds
 
 def test_seed_001_only_the_winning_kernel_gets_gradient():
-    """l_p = max_i sum_q k^i_q F_pq; dE/dk^i_q = sum_p dy_p F_pq [i == w(p)]."""
+    """DERIVATIONS.md §4; seed 001, the Q&A on a kernel bank with a max across kernels:
+    l_p = max_i sum_q k^i_q F_pq; dE/dk^i_q = sum_p dy_p F_pq [i == w(p)]."""
     patches = jnp.array([[1.0, 2.0], [3.0, -1.0]])  # F: 2 positions x 2 taps
     kernels = jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])  # 3 kernels
     dy = jnp.array([10.0, 100.0])
@@ -197,6 +199,9 @@ def test_seed_001_only_the_winning_kernel_gets_gradient():
 
 
 def test_seed_002_maxpool_3x24x24_to_3x12x12_upsamples_delta():
+    """DERIVATIONS.md §3.1; seed 002, the Q&A tracing a conv 3@5x5 / sigmoid / max-pool /
+    dense 432->10 network: the 3x12x12 delta goes back to one winner per 2x2 block of 3x24x24
+    (seed 000's max-pool "upsampling")."""
     x, dy = random_inputs(2, [(1, 24, 24, 3), (1, 12, 12, 3)], jnp.float64)
     y, pullback = jax.vjp(_both("max_pool", window=2)[0], x)
     assert y.shape == (1, 12, 12, 3) and y.size == 432
@@ -235,26 +240,82 @@ def test_residuals_are_winner_positions_not_the_input(name, kwargs, saved):
     assert [(leaf.shape, leaf.dtype) for leaf in leaves] == saved
 
 
-def _doubled(fn):
-    return lambda *args: 2 * fn(*args)
+def _misrouting_channel_max(group_size):
+    """hand.channel_max whose backward sends each delta to the group's first channel, not its
+    winner: a rule that is wrong on purpose, built from the public layer."""
+    @jax.custom_vjp
+    def wrong(x):
+        return hand.channel_max(x, group_size)
+
+    def wrong_fwd(x):
+        return hand.channel_max(x, group_size), x
+
+    def wrong_bwd(x, dy):
+        first = jnp.zeros((*dy.shape, group_size), dy.dtype).at[..., 0].set(dy)
+        return (first.reshape(x.shape),)
+
+    wrong.defvjp(wrong_fwd, wrong_bwd)
+    return wrong
 
 
-@pytest.mark.parametrize("name,kwargs", [("max_pool", dict(window=2)),
-                                         ("max_pool", dict(window=3, stride=1)),
-                                         ("avg_pool", dict(window=3, stride=2, padding="SAME"))])
-def test_broken_spread_is_caught(monkeypatch, name, kwargs):
-    x, = random_inputs(21, [(1, 5, 7, 2)], jnp.float64)
-    monkeypatch.setattr(hand, "_spread", _doubled(hand._spread))
+def test_a_misrouted_delta_fails_the_comparison():
+    x, = random_inputs(22, [(1, 5, 6)], jnp.float64)
     with pytest.raises(AssertionError, match="gradient"):
+        assert_matches_reference(jax.jit(_misrouting_channel_max(3)),
+                                 _both("channel_max", group_size=3)[1], [x], [0])
+
+
+# ---------------------------------------------------------------- spread formulations (jaxbp.fast)
+
+def _chosen_spread(shape, **kwargs):
+    geometry = plain.pool_geometry("max_pool", jnp.zeros(shape), kwargs["window"],
+                                   kwargs.get("stride"), kwargs.get("padding", "VALID"))
+    return fast.chosen("pool.spread", shape, geometry)
+
+
+# Windows that tile the input (where "tiled" is chosen): a cropped extent, and "same" padding
+# in 2-D and 3-D. The grid runs "tiled" on these shapes and "plain" everywhere else.
+TILING = [((1, 5, 7, 2), dict(window=2, stride=None, padding="VALID")), *TILED_SAME]
+
+
+def test_the_grid_runs_both_spreads():
+    chosen = {_chosen_spread(shape, **kwargs) for shape, kwargs in GRID}
+    assert chosen == {"plain", "tiled"}
+    assert all(_chosen_spread(shape, **kwargs) == "tiled" for shape, kwargs in TILING)
+
+
+@pytest.mark.parametrize("case", TILING, ids=[_case_id(c) for c in TILING])
+@pytest.mark.parametrize("name", ["max_pool", "avg_pool"])
+def test_forced_plain_spread_matches_reference_where_windows_tile(name, case):
+    """Each delta to its window's winner, or dy / n to every input of the window
+    (DERIVATIONS.md §3.1-§3.2), by the shifted sum where the reshape is chosen."""
+    shape, kwargs = case
+    x, = random_inputs(21, [shape], jnp.float64)
+    with fast.use({"pool.spread": "plain"}):
         assert_matches_reference(*_both(name, **kwargs), [x], [0])
 
 
-def test_broken_channel_winner_is_caught(monkeypatch):
-    x, = random_inputs(22, [(1, 5, 6)], jnp.float64)
-    monkeypatch.setattr(hand, "_channel_winner", lambda x, g: jnp.zeros(
-        (*x.shape[:-1], x.shape[-1] // g), jnp.int8))
-    with pytest.raises(AssertionError, match="gradient"):
-        assert_matches_reference(*_both("channel_max", group_size=3), [x], [0])
+@pytest.mark.parametrize("name", ["max_pool", "avg_pool"])
+def test_tiled_spread_forced_on_overlapping_windows_is_rejected(name):
+    with fast.use({"pool.spread": "tiled"}), pytest.raises(
+            ValueError, match=r"^jaxbp.fast.use: pool.spread='tiled' does not apply to shapes "
+                              r"\(1, 5, 7, 2\), PoolGeometry\(window=\(3, 3\).*needs windows "
+                              r"that tile the input \(stride == window\); what applies here: "
+                              r"'plain'$"):
+        getattr(hand, name)(jnp.zeros((1, 5, 7, 2)), window=3, stride=1)
+
+
+@pytest.mark.parametrize("shape,kwargs,spread", [
+    ((128, 24, 24, 3), dict(window=2), "tiled"),                # seed002's pool
+    ((128, 28, 28, 6), dict(window=2), "tiled"),                # lenet5_classic's first
+    ((2, 5, 7, 2), dict(window=2, padding="SAME"), "tiled"),
+    ((2, 5, 7, 2), dict(window=3, stride=2), "plain"),
+    ((2, 5, 7, 2), dict(window=(2, 3), stride=(2, 2)), "plain"),
+])
+def test_tiled_spread_is_chosen_where_windows_tile(monkeypatch, shape, kwargs, spread):
+    assert _chosen_spread(shape, **kwargs) == spread
+    monkeypatch.setenv("JAXBP_TUNING", "0")
+    assert _chosen_spread(shape, **kwargs) == "plain"
 
 
 # ---------------------------------------------------------------- transformations

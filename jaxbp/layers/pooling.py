@@ -1,14 +1,21 @@
-"""Pooling layers with hand-derived backward passes.
+"""Pooling layers with hand-derived backward passes (DERIVATIONS.md §3-§4).
 
-Pooling has no weights; its backward only routes each output delta back to the
-inputs that produced it: to the window's winner for a max ("upsample" in seed
-000_103740f910ca9c16.txt, the 3x12x12 -> 3x24x24 step of seed
-002_ccdd42be840614dd.txt), spread evenly for a mean.
+Pooling has no weights; its backward only routes each output delta back to the inputs that
+produced it:
+  * max_pool (§3.1): dx[i] = sum of dy[j] over the windows j whose winner is input i: seed
+    000's max-pool "upsampling" (the Q&A deriving a 1-D convolutional layer's delta), the
+    3x12x12 -> 3x24x24 step of seed 002 (the Q&A tracing a conv 3@5x5 / sigmoid / max-pool /
+    dense network). Residual: each window's winner (int8).
+  * avg_pool (§3.2): dx[i] = sum of dy[j] / n[j] over the windows j holding input i, n[j]
+    the real inputs in window j. No residual.
+  * channel_max (§4, maxout): dx[..., g * G + i] = dy[..., g] where i wins group g, else 0
+    (seed 001, the Q&A on a kernel bank with a max across kernels). Residual: the winners.
 
-Both pools read windows the same way: the input is padded (or cropped) to the
-span the windows cover, and one strided slice per window offset gathers that
-element of every window at once (`_window_elements`); no `reduce_window`, whose
-max backward is slow on CPU. `_spread` is the transpose of that gather.
+Both spatial pools read windows the same way: the input is padded (or cropped) to the span
+the windows cover, and one strided slice per window offset gathers that element of every
+window at once (`_window_elements`); no `reduce_window`, whose max backward is slow on CPU.
+`_spread` is the transpose of that gather, and the "pool.spread" slot of `jaxbp.fast` (for
+windows that tile the input, `jaxbp/fast/pooling.py` has a reshape instead).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbp import fast
 from jaxbp._spatial import IntOrTuple, Padding
 from jaxbp.reference import pooling as reference
 from jaxbp.reference.pooling import PoolGeometry, channel_groups, pool_geometry
@@ -67,36 +75,12 @@ def _window_elements(x, geometry: PoolGeometry, fill):
             for offset in _offsets(geometry))
 
 
-def _interleave(outer, inner):
-    return [d for pair in zip(outer, inner) for d in pair]
-
-
-def _as_blocks(a, geometry: PoolGeometry):
-    """`(batch, *out, C)` -> `(batch, o1, 1, o2, 1, ..., C)`, to broadcast over tiled windows."""
-    ones = [1] * len(geometry.window)
-    return a.reshape(a.shape[0], *_interleave(geometry.out_sizes, ones), a.shape[-1])
-
-
-def _spread_tiled(delta, winner, geometry: PoolGeometry):
-    """`_spread` for windows that partition the input: a reshape interleaves them back."""
-    blocks = _as_blocks(delta, geometry)
-    if winner is None:
-        blocks = jnp.broadcast_to(blocks, (delta.shape[0], *_interleave(
-            geometry.out_sizes, geometry.window), delta.shape[-1]))
-    else:
-        ones = [1] * len(geometry.window)
-        position = jnp.arange(geometry.window_size, dtype=winner.dtype).reshape(
-            1, *_interleave(ones, geometry.window), 1)
-        blocks = jnp.where(position == _as_blocks(winner, geometry), blocks, 0)
-    return _from_extent(blocks.reshape(delta.shape[0], *geometry.extent, delta.shape[-1]),
-                        geometry)
-
-
-def _spread_overlapping(delta, winner, geometry: PoolGeometry):
-    """`_spread` for any geometry: dx[p] = sum over offsets d of the share of window
-    (p - d) / stride. Dilating the per-window arrays once (window j moved to
-    k - 1 + j * stride) makes that window a unit-stride shift by k - 1 - d, so no
-    scatter and no per-offset full-size padding is needed."""
+def _spread(delta, winner, *, geometry: PoolGeometry):
+    """The input delta over `geometry.extent` from per-window deltas (DERIVATIONS.md §3):
+        dx[p] = sum over offsets d of share[(p - d) / stride], share = delta, or where
+    `winner` is given delta where d is the window's winner and 0 elsewhere; overlapping
+    windows add up. Dilating the per-window arrays once (window j moved to k - 1 + j * stride)
+    makes each offset a unit-stride shift by k - 1 - d: no scatter, no per-offset padding."""
     dilate = [(k - 1, k - 1, s - 1) for k, s in zip(geometry.window, geometry.stride)]
     deltas = _pad_spatial(delta, 0, dilate)
     winners = None if winner is None else _pad_spatial(winner, -1, dilate)
@@ -109,15 +93,17 @@ def _spread_overlapping(delta, winner, geometry: PoolGeometry):
             share = jnp.where(_spatial_slice(winners, start, geometry.extent, unit) == index,
                               share, 0)
         total = share if total is None else total + share
-    return _from_extent(total, geometry)
+    return total
 
 
-def _spread(delta, winner, geometry: PoolGeometry):
-    """Input delta from per-window deltas: window j sends `delta[j]` to each of its elements,
-    or, where `winner` is given, to element `winner[j]` only; overlapping windows add up."""
-    if geometry.tiles:
-        return _spread_tiled(delta, winner, geometry)
-    return _spread_overlapping(delta, winner, geometry)
+def _input_delta(delta, winner, geometry: PoolGeometry, spread: fast.Choice):
+    """dL/dx: `_spread` (or the formulation `spread` names), cut back from the extent to x."""
+    return _from_extent(spread.run(_spread, delta, winner, geometry=geometry), geometry)
+
+
+def _choose_spread(x, geometry: PoolGeometry) -> fast.Choice:
+    """The formulation of the "pool.spread" slot for this call, from static shapes."""
+    return fast.choose("pool.spread", x.shape, geometry)
 
 
 def _first_maximum(a, b):
@@ -134,9 +120,9 @@ def _max_and_winner(x, geometry: PoolGeometry):
     """Window maxima and the row-major position of the first maximum in each window.
 
     One variadic reduction over the stacked window elements: XLA keeps its winner as a
-    stored array, where a chain of elementwise selects was recomputed inside the
-    backward for every input position (classic LeNet-5's first pool, batch 1024:
-    28 -> 10 ms forward and backward)."""
+    stored array, where a chain of elementwise selects was recomputed inside the backward
+    for every input position (experiments/results/README.md, "Fusion: recomputed
+    producers")."""
     candidates = jnp.stack(list(_window_elements(x, geometry, -jnp.inf)), axis=-1)
     window_axis = candidates.ndim - 1
     positions = lax.broadcasted_iota(_index_dtype(geometry.window_size), candidates.shape,
@@ -148,17 +134,18 @@ def _max_and_winner(x, geometry: PoolGeometry):
     return jnp.max(candidates, axis=window_axis), winner
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool(x, geometry: PoolGeometry):
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool(x, geometry: PoolGeometry, spread: fast.Choice):
     return _max_and_winner(x, geometry)[0]
 
 
-def _max_pool_fwd(x, geometry: PoolGeometry):
+def _max_pool_fwd(x, geometry: PoolGeometry, spread: fast.Choice):
     return _max_and_winner(x, geometry)
 
 
-def _max_pool_bwd(geometry: PoolGeometry, winner, dy):
-    return (_spread(dy, winner, geometry),)
+def _max_pool_bwd(geometry: PoolGeometry, spread: fast.Choice, winner, dy):
+    """dx[i] = sum_j dy[j] [winner(j) == i] (DERIVATIONS.md §3.1)."""
+    return (_input_delta(dy, winner, geometry, spread),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -169,7 +156,7 @@ def max_pool(x, window: IntOrTuple, *, stride: Optional[IntOrTuple] = None,
     """Max pooling over 1 to 3 spatial axes.
 
     Backward: dx[i] = sum of dy[j] over the windows j whose winner is input i
-    (seed 000_103740f910ca9c16.txt's "upsample"; seed 002_ccdd42be840614dd.txt).
+    (DERIVATIONS.md §3.1; seed 000's max-pool "upsampling", seed 002's 3x12x12 -> 3x24x24).
     Tie rule: the first maximum in row-major order within the window wins, so a
     delta is never split or duplicated. Padded positions hold -inf and never win.
     NaN counts as the largest value, so it propagates as in `lax.max` and PyTorch.
@@ -187,7 +174,8 @@ def max_pool(x, window: IntOrTuple, *, stride: Optional[IntOrTuple] = None,
       Residual saved for backward: the winner's position within each window
       (int8 for windows of up to 127 elements), the same shape as the output.
     """
-    return _max_pool(x, pool_geometry("max_pool", x, window, stride, padding))
+    geometry = pool_geometry("max_pool", x, window, stride, padding)
+    return _max_pool(x, geometry, _choose_spread(x, geometry))
 
 
 def _real_counts(geometry: PoolGeometry, dtype):
@@ -205,17 +193,18 @@ def _average(x, geometry: PoolGeometry):
         geometry, x.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _avg_pool(x, geometry: PoolGeometry):
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _avg_pool(x, geometry: PoolGeometry, spread: fast.Choice):
     return _average(x, geometry)
 
 
-def _avg_pool_fwd(x, geometry: PoolGeometry):
+def _avg_pool_fwd(x, geometry: PoolGeometry, spread: fast.Choice):
     return _average(x, geometry), None
 
 
-def _avg_pool_bwd(geometry: PoolGeometry, _, dy):
-    return (_spread(dy / _real_counts(geometry, dy.dtype), None, geometry),)
+def _avg_pool_bwd(geometry: PoolGeometry, spread: fast.Choice, _, dy):
+    """dx[i] = sum over the windows j holding i of dy[j] / n[j] (DERIVATIONS.md §3.2)."""
+    return (_input_delta(dy / _real_counts(geometry, dy.dtype), None, geometry, spread),)
 
 
 _avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
@@ -227,7 +216,8 @@ def avg_pool(x, window: IntOrTuple, *, stride: Optional[IntOrTuple] = None,
 
     Each output is the mean of the real inputs its window covers (PyTorch's
     `count_include_pad=False`): a window with n unpadded inputs divides by n.
-    Backward: dx[i] = sum of dy[j] / n[j] over every window j containing input i.
+    Backward: dx[i] = sum of dy[j] / n[j] over every window j containing input i
+    (DERIVATIONS.md §3.2).
 
     Args:
       x: `(batch, *spatial, channels)`, floating point, 1 to 3 spatial axes.
@@ -240,7 +230,8 @@ def avg_pool(x, window: IntOrTuple, *, stride: Optional[IntOrTuple] = None,
       `(batch, *out_spatial, channels)`, sizes as for `max_pool`. Nothing is
       saved for backward: the counts n depend on the shapes only.
     """
-    return _avg_pool(x, pool_geometry("avg_pool", x, window, stride, padding))
+    geometry = pool_geometry("avg_pool", x, window, stride, padding)
+    return _avg_pool(x, geometry, _choose_spread(x, geometry))
 
 
 def _channel_winner(x, group_size: int):
@@ -258,6 +249,7 @@ def _channel_max_fwd(x, group_size: int):
 
 
 def _channel_max_bwd(group_size: int, winner, dy):
+    """dx[..., g * G + i] = dy[..., g] [i == winner(g)] (DERIVATIONS.md §4)."""
     position = lax.broadcasted_iota(winner.dtype, (*winner.shape, group_size), winner.ndim)
     dx = jnp.where(position == winner[..., None], dy[..., None], 0)
     return (dx.reshape(*dy.shape[:-1], dy.shape[-1] * group_size),)
@@ -269,7 +261,8 @@ _channel_max.defvjp(_channel_max_fwd, _channel_max_bwd)
 def channel_max(x, group_size: int):
     """Max over consecutive groups of `group_size` channels (maxout).
 
-    Seed 001_3d5194c7da1093ab.txt's "winner kernel": l_p = max_i l_p^{c i}, so
+    DERIVATIONS.md §4; seed 001's "winner kernel" (the Q&A on a kernel bank with a max
+    across kernels): l_p = max_i l_p^{c i}, so
     dl_p / dl_p^{c i} = [i == w(p)] and only the winning map gets the delta:
     dx[..., g * group_size + i] = dy[..., g] if i is the winner of group g, else 0.
     Tie rule: the first maximum (lowest channel) in the group wins.
