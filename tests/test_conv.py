@@ -10,8 +10,8 @@ import pytest
 from jax.test_util import check_grads
 
 from gradcheck import assert_matches_reference, random_inputs
-
 from jaxbp import fast
+from jaxbp.testing import check_rule
 
 hand = importlib.import_module("jaxbp.layers.conv")
 plain = importlib.import_module("jaxbp.reference.conv")
@@ -471,17 +471,12 @@ def test_grad_of_vmap(in_axes):
 
 @pytest.mark.parametrize("kwargs,shapes", [
     (STRIDED, None), ({}, [(2, 6, 5, 2), (3, 2, 2, 4), (4,)])], ids=["strided", "band"])
-@pytest.mark.parametrize("wrt", [0, 1], ids=["dx", "dw"])
-def test_grad_of_grad(wrt, kwargs, shapes):
-    """Differentiates the hand backward itself: <d/d(x or w) sum tanh(conv), c> w.r.t. x, w, b."""
-    def first_grad(conv_fn):
-        def fn(x, w, b):
-            loss = lambda *a: jnp.sum(jnp.tanh(conv_fn(*a, **kwargs)))
-            return jax.grad(loss, argnums=wrt)(x, w, b)
-        return fn
-
+def test_full_check_rule_grad_of_grad_jit_vmap(kwargs, shapes):
+    """`check_rule` in full: the hand backward differentiated again (each of dx, dw, db with
+    respect to x, w and b), finite differences, jit and vmap."""
     args = _strided_args() if shapes is None else random_inputs(12, shapes, jnp.float64)
-    assert_matches_reference(first_grad(hand.conv), first_grad(plain.conv), args, (0, 1, 2))
+    report = check_rule(hand.conv, plain.conv, *args, **kwargs)
+    assert len(report.second_order_errors) == 3
 
 
 @pytest.mark.parametrize("shapes,kwargs", [

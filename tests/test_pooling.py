@@ -11,6 +11,7 @@ import jaxbp.layers.pooling as hand
 import jaxbp.reference.pooling as plain
 from gradcheck import assert_matches_reference, random_inputs
 from jaxbp import fast
+from jaxbp.testing import check_rule
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -341,14 +342,11 @@ def test_vmap_and_grad_of_vmap(name, kwargs):
 
 
 @pytest.mark.parametrize("name,kwargs", TRANSFORM_CASES[:3])
-def test_grad_of_grad(name, kwargs):
-    x, c = random_inputs(33, [(2, 5, 6, 1), (2, 5, 6, 1)], jnp.float64)
-
-    def input_gradient(layer):  # a cubic makes the second derivative depend on the pooled value
-        return jax.grad(lambda v: jnp.sum(layer(v) ** 3) + jnp.sum(v * c))
-
+def test_full_check_rule_grad_of_grad_jit_vmap(name, kwargs):
+    """`check_rule` in full: grad of grad, finite differences, jit and vmap."""
     layer, reference = _both(name, **kwargs)
-    assert_matches_reference(input_gradient(layer), input_gradient(reference), [x], [0])
+    report = check_rule(layer, reference, (2, 5, 6, 1))
+    assert report.second_order_errors and report.vmap_error is not None
 
 
 # ---------------------------------------------------------------- bad input
