@@ -11,7 +11,7 @@ the candidates take turns in repeated rounds (the order rotating each round) and
 candidate's median step time is reported:
 
   hand      jaxbp's hand-derived rules, exactly as `jaxbp train` runs a step
-            (`jaxbp.app.train.make_train_step`, ops=HAND) under jaxbp's runtime defaults.
+            (`jaxbp.app.steps.make_train_step`, ops=HAND) under jaxbp's runtime defaults.
   autodiff  the same step with the ops swapped for `jaxbp.reference` (jax.grad through the
             plain twins), same process, same settings.
   tuned     autodiff as the issue's "tuned" column ran it: the same, except that max pooling
