@@ -1,4 +1,7 @@
-"""The hand-derived convolution backward (jaxbp.layers.conv) against jax.grad of its plain twin."""
+"""The hand-derived convolution backward (jaxbp.layers.conv) against jax.grad of its plain twin.
+
+Section numbers (§) are those of jaxbp/layers/DERIVATIONS.md; the seeds are the source texts
+it derives from (each named by what it is where it is cited)."""
 import functools
 import importlib
 import random
@@ -171,6 +174,8 @@ KERNEL_2x3 = np.array([[1, -2, 3], [0, 4, -1]])
     ((7, 8), 2, "plain"), ((7, 9), 3, "plain")])
 def test_seed_003_input_delta_is_full_correlation_with_rotated_kernel(in_shape, stride,
                                                                       input_delta):
+    """DERIVATIONS.md §2.2-§2.3; seed 003, the rotated-kernel post, with its stride: by each
+    input-delta formulation that applies."""
     out_shape = [(n - k) // stride + 1 for n, k in zip(in_shape, KERNEL_2x3.shape)]
     delta = np.random.default_rng(stride).integers(-5, 6, size=out_shape)
     x = jnp.ones((1, *in_shape, 1), jnp.float64)
@@ -434,6 +439,7 @@ def test_tuning_off_chooses_the_plain_rule(monkeypatch):
     x, w = random_inputs(1, [(1, 6, 6, 1), (3, 3, 1, 2)], jnp.float64)
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(hand.conv(x, w)), (0, 1)))(x, w))
     assert jaxpr.count("conv_general_dilated") == 3 and "platform_index" not in jaxpr
+    assert_matches_reference(*_both({}), (x, w), (0, 1))
     with fast.use({"conv.forward": "taps"}):
         assert _chosen("conv.forward", (1, 6, 6, 1), (3, 3, 1, 2)) == "taps"
         assert "conv_general_dilated" not in str(jax.make_jaxpr(hand.conv)(x, w))

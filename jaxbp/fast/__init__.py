@@ -90,8 +90,8 @@ class Formulation(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def _registry() -> Dict[str, Dict[str, Formulation]]:
-    # Imported on first use: the formulations build on the reference modules, which
-    # import nothing from here, and are only needed once a rule is traced.
+    # Imported on first use, not at the top: jaxbp/fast/conv.py and pooling.py import
+    # `Formulation` from this module.
     from jaxbp.fast import conv, pooling
     table: Dict[str, Dict[str, Formulation]] = {slot: {} for slot in SLOTS}
     for formulation in (*conv.FORMULATIONS, *pooling.FORMULATIONS):

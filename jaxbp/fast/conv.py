@@ -1,7 +1,8 @@
 """Other formulations of the convolution rule's slots (`jaxbp/layers/conv.py`), faster than
 XLA's CPU convolutions for some shapes: thin inputs (1-3 channels) and thin input deltas.
 
-Each computes the same equation as the plain formulation it replaces (DERIVATIONS.md §2):
+Each computes the same equation as the plain formulation it replaces
+(jaxbp/layers/DERIVATIONS.md §2):
 
   taps        conv.forward      y[n, o] = sum_k x_pad[n, o * s + k * d] @ w[k] + b, one small
                                 product per kernel tap k, summed, then stored (`stored`)
@@ -45,7 +46,6 @@ _BIAS_ROW_WIDTH = 64            # rows: "Convolution: bias gradient by rows"
 def _tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry):
     """For each kernel tap k in row-major order, `x_pad[:, o * s + k * d, :]` at every output
     position o: a `(batch, *out, in)` strided slice of the padded input."""
-    rank = x.ndim - 2
     x_pad = lax.pad(x, jnp.zeros((), x.dtype),
                     [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.pads), (0, 0, 0)])
     out_sizes = [(n - effective_window(k, d)) // s + 1 for n, k, d, s in

@@ -1,7 +1,8 @@
 """Another formulation of the pooling rules' slot (`jaxbp/layers/pooling.py`):
 
   tiled  pool.spread  the input delta for windows that partition the input (stride ==
-                      window, as in seed 002's 3x24x24 -> 3x12x12 max pool; DERIVATIONS.md
+                      window, as in the 3x24x24 -> 3x12x12 max pool of seed 002, the Q&A
+                      tracing a conv/pool/dense network; jaxbp/layers/DERIVATIONS.md
                       §3.1-§3.2): a reshape interleaves the per-window deltas back, where
                       the plain spread sums one shifted copy per window offset.
 

@@ -1,7 +1,7 @@
 """N-dimensional convolution with a hand-derived backward pass (one rule for 1-D, 2-D and 3-D).
 
-Forward (DERIVATIONS.md §2.1; a cross-correlation, channels-last, `c` running over the group
-of `co`):
+Forward (jaxbp/layers/DERIVATIONS.md §2.1; a cross-correlation, channels-last, `c` running
+over the group of `co`):
     y[n, o, co] = sum_{k, c} x_pad[n, o * s + k * d, c] w[k, c, co] + b[co]
 
 Backward, given the output delta dy = dL/dy:

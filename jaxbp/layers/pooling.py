@@ -1,4 +1,4 @@
-"""Pooling layers with hand-derived backward passes (DERIVATIONS.md §3-§4).
+"""Pooling layers with hand-derived backward passes (jaxbp/layers/DERIVATIONS.md §3-§4).
 
 Pooling has no weights; its backward only routes each output delta back to the inputs that
 produced it:
@@ -156,7 +156,8 @@ def max_pool(x, window: IntOrTuple, *, stride: Optional[IntOrTuple] = None,
     """Max pooling over 1 to 3 spatial axes.
 
     Backward: dx[i] = sum of dy[j] over the windows j whose winner is input i
-    (DERIVATIONS.md §3.1; seed 000's max-pool "upsampling", seed 002's 3x12x12 -> 3x24x24).
+    (DERIVATIONS.md §3.1; seed 000's max-pool "upsampling" in the 1-D conv layer Q&A, and
+    seed 002's 3x12x12 -> 3x24x24 step in the Q&A tracing a conv/pool/dense network).
     Tie rule: the first maximum in row-major order within the window wins, so a
     delta is never split or duplicated. Padded positions hold -inf and never win.
     NaN counts as the largest value, so it propagates as in `lax.max` and PyTorch.
