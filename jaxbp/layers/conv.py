@@ -5,8 +5,9 @@ over the group of `co`):
     y[n, o, co] = sum_{k, c} x_pad[n, o * s + k * d, c] w[k, c, co] + b[co]
 
 Backward, given the output delta dy = dL/dy:
-  * input delta (`_input_delta`, DERIVATIONS.md §2.2-§2.3): the FULL correlation of dy, spread
-    out by the stride, with the 180-degree-rotated kernel, in/out channels swapped per group:
+  * input delta (`_input_delta`, DERIVATIONS.md §2.2-§2.3, depth > 1 in §2.6): the FULL
+    correlation of dy, spread out by the stride, with the 180-degree-rotated kernel, in/out
+    channels swapped per group:
         dx[p, c] = sum_{k, co} dy[(p - k * d) / s, co] w[k, c, co]
     over the taps k where (p - k * d) / s is an output position (p indexes the padded input)
     (seed 003, the rotated-kernel post with pictures, stride and input depth; in 1-D seed
