@@ -24,6 +24,10 @@ candidate's median step time is reported:
             and with at most 2 rounds after 1 warm-up step (wide at batch 1024 takes ~15 s a
             step there). The child also times `hand` under defaults (JAXBP_TUNING=0 also
             turns off the per-shape formulations), to show what the settings give it.
+  library   the hand step as a library user writes it (`jaxbp.nn` layers, `jax.value_and_grad`,
+            SGD as a tree_map, one `jax.jit`), timed after the main rounds in a child process
+            that imports only jaxbp (whose import applies the runtime defaults), not the CLI's
+            `jaxbp.app`; `--no-library` skips it.
   torch     PyTorch eager (optional extra `bench`), the same layers in NCHW, on the CPU with
             OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads starve everything else
             on a shared 2-core machine), or on CUDA when JAX's backend is a GPU and torch sees
@@ -352,6 +356,14 @@ def setup_jax_case(name: str, batch: int):
     return cfg, model, images, labels
 
 
+def library_spec(cfg, model, batch: int) -> dict:
+    """What `LibraryCandidate` needs of a case, as JSON for the library child."""
+    return {"layers": [item.to_dict() for item in cfg.model.layers],
+            "input_shape": list(model.input_shape), "loss": cfg.loss,
+            "classes": model.num_classes, "batch": batch,
+            "learning_rate": cfg.optimizer.learning_rate}
+
+
 def measure_case(name: str, batch: int, args, torch, include_torch: bool) -> dict:
     from jaxbp.registry import HAND, REFERENCE
     from jaxbp.torch_twins import Unsupported
@@ -375,8 +387,9 @@ def measure_case(name: str, batch: int, args, torch, include_torch: bool) -> dic
     if not args.child:
         candidates["matmul"] = args.matmul
     times = time_rounds(candidates, args.rounds, args.warmup)
-    result = {"model": name, "batch": batch, "flops_per_step": step_flops(model) * batch, "compile_s": round(compile_s, 1),
-        "notes": notes, "candidates": {}}
+    result = {"model": name, "batch": batch, "flops_per_step": step_flops(model) * batch,
+              "compile_s": round(compile_s, 1), "notes": notes, "candidates": {},
+              "library_spec": library_spec(cfg, model, batch)}
     for cand_name, ts in times.items():
         entry = summary(ts)
         if hasattr(candidates[cand_name], "residuals"):
@@ -407,6 +420,86 @@ def run_defaults_child(args) -> Optional[dict]:
             return json.load(f)
 
 
+# ---------------------------------------------------------------- library child
+
+class LibraryCandidate:
+    """The hand step as a library user writes it, in a process that imports only jaxbp: the
+    config's layers from `jaxbp.nn.layer`, the loss's hand rule, `jax.value_and_grad`, SGD
+    as a tree_map, one `jax.jit` (the README's way, not the CLI's `jaxbp.app` step)."""
+
+    def __init__(self, spec: dict):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jaxbp import nn, registry
+        net = nn.serial(*(nn.layer(item["type"], **{k: v for k, v in item.items()
+                                                     if k != "type"})
+                          for item in spec["layers"]))
+        loss_rule, classes, lr = (registry.get(spec["loss"], "loss"), spec["classes"],
+                                  spec["learning_rate"])
+
+        def loss(params, x, y):
+            out = net.apply(params, x)
+            if loss_rule.targets == "one_hot":
+                y = jax.nn.one_hot(y, classes, dtype=out.dtype)
+            return loss_rule.hand(out, y)
+
+        @jax.jit
+        def step(params, x, y):
+            value, grads = jax.value_and_grad(loss)(params, x, y)
+            return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), value
+
+        rng = np.random.default_rng(0)
+        batch, shape = spec["batch"], tuple(spec["input_shape"])
+        self.x = jax.device_put(rng.standard_normal((batch, *shape), np.float32))
+        self.y = jax.device_put(rng.integers(0, classes, batch).astype(np.int32))
+        self.params = net.init(jax.random.PRNGKey(0), shape, jnp.float32)[1]
+        self.step = step
+
+    def run(self) -> float:
+        import jax
+        start = time.perf_counter()
+        self.params, value = self.step(self.params, self.x, self.y)
+        jax.block_until_ready((self.params, value))
+        return time.perf_counter() - start
+
+
+def library_child_main(args) -> int:
+    """Times `LibraryCandidate` for each case of the spec file; asserts jaxbp.app stayed out."""
+    with open(args.library_child) as f:
+        specs = json.load(f)
+    results = []
+    for spec in specs:
+        times = time_rounds({"library": LibraryCandidate(spec)}, args.rounds, args.warmup)
+        results.append(summary(times["library"]))
+    app = sorted(m for m in sys.modules if m.startswith("jaxbp.app"))
+    if app:
+        raise AssertionError(f"the library path imported the app: {', '.join(app)}")
+    with open(args.library_child, "w") as f:
+        json.dump(results, f)
+    return 0
+
+
+def run_library_child(args, specs: List[dict]) -> Optional[List[dict]]:
+    """Runs `LibraryCandidate` for every case in a fresh process (the user's own defaults:
+    importing jaxbp applies its runtime settings); its results, or None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "library.json")
+        with open(path, "w") as f:
+            json.dump(specs, f)
+        command = [sys.executable, os.path.abspath(__file__), "--library-child", path,
+                   "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+        env = dict(os.environ)
+        if USER_XLA_FLAGS is None:
+            env.pop("XLA_FLAGS", None)
+        else:
+            env["XLA_FLAGS"] = USER_XLA_FLAGS
+        if subprocess.run(command, env=env).returncode != 0:
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+
 # ---------------------------------------------------------------- report
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -419,8 +512,11 @@ def derived(case: dict, ceiling_gflops: float) -> dict:
     med = {k: v["median_ms"] for k, v in c.items()}
     defaults = case.get("defaults", {})
     hand = med["hand"]
+    library = case.get("library", {}).get("median_ms")
     gflops = case["flops_per_step"] / (hand * 1e-3) / 1e9
     return {
+        "library_over_hand": ratio(library, hand),
+        "library_over_torch": ratio(library, med.get("torch")),
         "hand_over_autodiff": ratio(hand, med["autodiff"]),
         "hand_over_autodiff_rounds": round_ratio_range(c["hand"], c["autodiff"]),
         "hand_over_torch_rounds": round_ratio_range(c["hand"], c.get("torch")),
@@ -451,10 +547,11 @@ def _megabytes(n: Optional[int]) -> Optional[float]:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| model | batch | hand ms | autodiff ms | tuned ms | PyTorch ms "
+    rows = ["| model | batch | hand ms | library ms | autodiff ms | tuned ms | PyTorch ms "
             "| defaults: autodiff / hand ms | hand/autodiff | hand/tuned | hand/PyTorch "
-            "| hand img/s | hand GFLOP/s | of matmul | residual MB hand / autodiff / PyTorch |",
-            "|" + "---|" * 14]
+            "| library/PyTorch | hand img/s | hand GFLOP/s | of matmul "
+            "| residual MB hand / autodiff / PyTorch |",
+            "|" + "---|" * 16]
     for case in report["cases"]:
         c, d = case["candidates"], case["derived"]
         defaults = case.get("defaults", {})
@@ -462,6 +559,7 @@ def markdown(report: dict) -> str:
               for k in ("hand", "autodiff", "torch")]
         rows.append(
             f"| {case['model']} | {case['batch']} | {c['hand']['median_ms']:.1f} "
+            f"| {_fmt(case.get('library', {}).get('median_ms'))} "
             f"| {c['autodiff']['median_ms']:.1f} | {_fmt(c.get('tuned', {}).get('median_ms'))} "
             f"| {_fmt(c.get('torch', {}).get('median_ms'))} "
             f"| {_fmt(defaults.get('autodiff', {}).get('median_ms'))} / "
@@ -469,6 +567,7 @@ def markdown(report: dict) -> str:
             f"| {_with_range(d['hand_over_autodiff'], d['hand_over_autodiff_rounds'])} "
             f"| {_fmt(d['hand_over_tuned'], '.2f')} "
             f"| {_with_range(d['hand_over_torch'], d['hand_over_torch_rounds'])} "
+            f"| {_fmt(d['library_over_torch'], '.2f')} "
             f"| {d['hand_images_per_s']:,.0f} | {d['hand_gflops']:.1f} "
             f"| {100 * d['hand_share_of_matmul']:.0f}% | {' / '.join(mb)} |")
     env = report["environment"]
@@ -484,6 +583,10 @@ def markdown(report: dict) -> str:
              *(["`defaults` ran afterwards in a child process with JAXBP_TUNING=0 (JAX's "
                 "defaults), not interleaved with the others."]
                if any("defaults" in case for case in report["cases"]) else []),
+             *(["`library` ran afterwards in a child process that imports only jaxbp: the "
+                "config's layers from `jaxbp.nn`, `jax.value_and_grad`, SGD as a tree_map, "
+                "one `jax.jit` (the README's way), not interleaved with the others."]
+               if any("library" in case for case in report["cases"]) else []),
              "", *rows, "",
              f"Load before: {json.dumps(report['load_before'])}",
              f"Load after: {json.dumps(report['load_after'])}", ""]
@@ -499,6 +602,8 @@ def print_case(case: dict) -> None:
     parts = [f"{k} {v['median_ms']:.1f} ms" for k, v in c.items() if k != "matmul"]
     for k, v in case.get("defaults", {}).items():
         parts.append(f"defaults-{k} {v['median_ms']:.1f} ms")
+    if "library" in case:
+        parts.append(f"library {case['library']['median_ms']:.1f} ms")
     print(f"{case['model']:>8} {case['batch']:>5}: " + ", ".join(parts), flush=True)
 
 
@@ -517,7 +622,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-defaults", action="store_true",
                         help="skip the child process with JAX's defaults")
     parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results"))
+    parser.add_argument("--no-library", action="store_true",
+                        help="skip the child process timing the library-path step")
     parser.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--library-child", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.rounds = ",".join(map(str, QUICK["batches"])), QUICK["rounds"]
@@ -538,6 +646,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
+    if args.library_child:
+        return library_child_main(args)
     applied = runtime.applied()  # by `import jaxbp`, before any JAX computation
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = machine_load()
@@ -550,6 +660,17 @@ def main(argv=None) -> int:
         for batch in args.batches:
             case = measure_case(model_name, batch, args, torch, True)
             cases.append(case)
+            print_case(case)
+    specs = [case.pop("library_spec") for case in cases]
+    if args.no_library:
+        notes.append("library child skipped (--no-library)")
+    else:
+        print("library (child process importing only jaxbp) ...", flush=True)
+        library = run_library_child(args, specs)
+        if library is None:
+            notes.append("library child process failed")
+        for case, entry in zip(cases, library or []):
+            case["library"] = entry
             print_case(case)
     if args.no_defaults:
         notes.append("defaults child skipped (--no-defaults)")

@@ -53,6 +53,8 @@ def test_tiny_run_writes_ratios(tmp_path):
         / case["candidates"]["autodiff"]["round_medians_ms"][0])
     assert derived["hand_over_torch_rounds"] is None
     assert case["candidates"]["hand"]["residual_bytes"] > 0
+    assert case["library"]["median_ms"] > 0 and derived["library_over_hand"] > 0
+    assert "library_spec" not in case
     assert "| seed002 | 8 |" in (tmp_path / "bench.md").read_text()
 
 
