@@ -346,9 +346,7 @@ def setup_jax_case(name: str, batch: int):
     import numpy as np
     from jaxbp.app.config import load_config
     from jaxbp.app.experiment import build
-    path = name if name.endswith((".yaml", ".yml")) else os.path.join(REPO, "configs",
-                                                                      f"{name}.yaml")
-    cfg = load_config(path, [])
+    cfg = load_config(config_path(name), [])
     model = build(cfg)
     rng = np.random.default_rng(0)
     images = jax.device_put(rng.standard_normal((batch, *model.input_shape), np.float32))
@@ -624,6 +622,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results"))
     parser.add_argument("--no-library", action="store_true",
                         help="skip the child process timing the library-path step")
+    parser.add_argument("--time-to-accuracy", nargs="?", const="lenet5", metavar="CONFIG",
+                        help="wall time to --target test accuracy: jaxbp's CLI step, Flax and "
+                             "PyTorch, same data and recipe (default config: lenet5); writes "
+                             "time_to_accuracy.{json,md}")
+    parser.add_argument("--target", type=float, default=0.91,
+                        help="test accuracy for --time-to-accuracy (default 0.91)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="config override for --time-to-accuracy")
     parser.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--library-child", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -632,6 +638,43 @@ def parse_args(argv=None):
     args.models = [m for m in args.models.split(",") if m]
     args.batches = [int(b) for b in args.batches.split(",") if b]
     return args
+
+
+def config_path(name: str) -> str:
+    """A config name (configs/NAME.yaml) or a YAML path."""
+    return name if name.endswith((".yaml", ".yml")) else os.path.join(REPO, "configs",
+                                                                      f"{name}.yaml")
+
+
+def time_to_accuracy_main(args) -> int:
+    """`--time-to-accuracy`: see experiments/time_to_accuracy.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import time_to_accuracy
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_before = machine_load()
+    torch, torch_note = (None, "PyTorch skipped (--no-torch)") if args.no_torch else import_torch()
+    notes = [torch_note] if torch_note else []
+    results = time_to_accuracy.run(config_path(args.time_to_accuracy), args.overrides,
+                                   args.target, torch, torch_net, notes)
+    report = {"started": started, "config": args.time_to_accuracy, "overrides": args.overrides,
+              "target": args.target, "command": [os.path.relpath(sys.argv[0], REPO),
+                                                 *sys.argv[1:]],
+              "load_before": load_before, "load_after": machine_load(), "results": results,
+              "notes": notes}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "time_to_accuracy.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"# Time to {100 * args.target:.0f}% test accuracy ({started})", "",
+             f"`{' '.join(report['command'])}`", "",
+             *time_to_accuracy.markdown(results, args.target), "",
+             f"Load before: {json.dumps(load_before)}",
+             f"Load after: {json.dumps(report['load_after'])}", "",
+             *(f"- {note}" for note in notes)]
+    text = "\n".join(lines).rstrip() + "\n"
+    with open(os.path.join(args.out, "time_to_accuracy.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
 
 
 def child_main(args) -> int:
@@ -648,6 +691,8 @@ def main(argv=None) -> int:
         return child_main(args)
     if args.library_child:
         return library_child_main(args)
+    if args.time_to_accuracy:
+        return time_to_accuracy_main(args)
     applied = runtime.applied()  # by `import jaxbp`, before any JAX computation
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = machine_load()

@@ -65,3 +65,18 @@ def test_round_ratio_range_pairs_rounds():
     other = {"round_medians_ms": [22.0, 25.0, 39.0]}
     assert bench.round_ratio_range(hand, other) == pytest.approx([0.5, 0.8])
     assert bench.round_ratio_range(hand, None) is None
+
+
+def test_time_to_accuracy_on_tiny_data(tmp_path):
+    """One epoch of the tiny config to a target of 0: each installed system reports."""
+    from idx_fixtures import write_idx_dataset
+    from test_train import write_config
+    idx = write_idx_dataset(tmp_path / "idx", n_train=256, n_test=128)
+    config = write_config(tmp_path / "tiny.yaml", str(idx), str(tmp_path / "cache"))
+    assert bench.main(["--time-to-accuracy", config, "--target", "0.0", "--no-torch",
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    jaxbp = report["results"]["jaxbp"]
+    assert jaxbp["reached"] and jaxbp["epochs"] == 1 and jaxbp["time_to_target_s"] > 0
+    assert 0 <= jaxbp["final_accuracy"] <= 1 and "torch" not in report["results"]
+    assert "| jaxbp |" in (tmp_path / "time_to_accuracy.md").read_text()
