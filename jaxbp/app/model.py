@@ -57,23 +57,14 @@ class Model(NamedTuple):
     loss_name: str
 
 
-def _plain(value: Any) -> Any:
-    """Sections and tuples as dicts and lists, for comparing and printing."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _is_default(key: str, value: Any, spec) -> bool:
+    """Whether a checked value is its key's default (checked the same way)."""
     if spec.default is REQUIRED:
         return False
-    return _plain(value) == _plain(spec.check.fn(key, copy.deepcopy(spec.default)))
+    return value == spec.check.fn(key, copy.deepcopy(spec.default))
 
 
 def _format_value(value: Any) -> str:
-    value = _plain(value)
     if isinstance(value, dict) and "name" in value:
         args = ", ".join(f"{k}={v}" for k, v in value.items() if k != "name")
         return f"{value['name']}({args})" if args else value["name"]
