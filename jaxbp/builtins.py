@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
+
 from jaxbp import layers, losses, reference, torch_twins
 from jaxbp._spatial import fail, spatial_tuple
 from jaxbp.initializers import BIAS_INIT, KERNEL_INIT, initializer
 from jaxbp.registry import register_layer, register_loss
-from jaxbp.schema import BOOLEAN, PADDING, POSITIVE_INT, SIZES, number, optional
+from jaxbp.schema import BOOLEAN, PADDING, POSITIVE, POSITIVE_INT, SIZES, number, optional
 
 
 def _conv_kernel(rng, input_shape, dtype, *, features, kernel, groups=1,
@@ -42,6 +44,18 @@ def _bias(rng, input_shape, dtype, *, features, use_bias=True, bias_init="zeros"
     """`(features,)` drawn by `bias_init`, or None (no bias) when `use_bias` is false."""
     del input_shape
     return initializer(bias_init)(rng, (features,), dtype) if use_bias else None
+
+
+def _ones(rng, input_shape, dtype):
+    """`(channels,)` ones: a normalisation's scale starts as the identity."""
+    del rng
+    return jnp.ones((input_shape[-1],), dtype)
+
+
+def _zeros(rng, input_shape, dtype):
+    """`(channels,)` zeros: a normalisation's offset."""
+    del rng
+    return jnp.zeros((input_shape[-1],), dtype)
 
 
 def weighted_macs(input_shape, output_shape, param_shapes) -> int:
@@ -77,6 +91,14 @@ for _name in ("sigmoid", "tanh", "relu", "softmax"):
 register_layer("leaky_relu", hand=layers.leaky_relu, reference=reference.leaky_relu,
                checks={"negative_slope": number(lambda v: True, "a number")},
                torch=torch_twins.leaky_relu)
+
+register_layer("global_avg_pool", hand=layers.global_avg_pool,
+               reference=reference.global_avg_pool, torch=torch_twins.global_avg_pool)
+register_layer("upsample", hand=layers.upsample, reference=reference.upsample,
+               checks={"factor": SIZES}, torch=torch_twins.upsample)
+register_layer("layer_norm", hand=layers.layer_norm, reference=reference.layer_norm,
+               params={"scale": _ones, "offset": _zeros}, checks={"eps": POSITIVE},
+               torch=torch_twins.layer_norm)
 
 register_loss("softmax_cross_entropy", hand=losses.softmax_cross_entropy,
               reference=reference.softmax_cross_entropy, targets="labels",

@@ -66,3 +66,18 @@ relu, sigmoid, tanh, softmax = (_elementwise("ReLU"), _elementwise("Sigmoid"),
 
 def leaky_relu(torch, input_shape, *, negative_slope):
     return torch.nn.LeakyReLU(negative_slope)
+
+
+def global_avg_pool(torch, input_shape):
+    pool = getattr(torch.nn, f"AdaptiveAvgPool{_rank(input_shape)}d")(1)
+    return torch.nn.Sequential(pool, torch.nn.Flatten())
+
+
+def upsample(torch, input_shape, *, factor):
+    return torch.nn.Upsample(scale_factor=factor, mode="nearest")
+
+
+def layer_norm(torch, input_shape, *, eps):
+    if len(input_shape) != 1:  # ours normalises the channels, the last axis of NHWC
+        raise Unsupported("layer_norm over the channels of a channels-first map")
+    return torch.nn.LayerNorm(input_shape[0], eps=eps)

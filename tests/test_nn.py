@@ -264,13 +264,16 @@ def test_every_layer_type_builds_and_runs_alike_through_both_ops():
         {"type": "tanh"},
         {"type": "max_pool", "window": 2},
         {"type": "relu"},
+        {"type": "upsample", "factor": [2, 1]},
         {"type": "flatten"},
         {"type": "dense", "features": 3},
+        {"type": "layer_norm"},
         {"type": "sigmoid"},
         {"type": "softmax"},
     ]
     builtin = {n for n in registry.layer_names() if registry.get(n).module == "jaxbp.builtins"}
-    assert {c["type"] for c in layer_cfgs} == builtin
+    # global_avg_pool would take flatten's place: tests/test_blocks.py builds it in a config.
+    assert builtin - {c["type"] for c in layer_cfgs} == {"global_avg_pool"}
     model = _layers_model(layer_cfgs, loss="quadratic", input_shape=(5, 5, 2), num_classes=3)
     assert [r.output_shape for r in model.summary[:6]] == [
         (5, 5, 4), (5, 5, 4), (4, 4, 4), (4, 4, 2), (4, 4, 2), (2, 2, 2)]

@@ -24,7 +24,8 @@ Unknown keys are errors.
           window], padding [VALID]
         channel_max: group_size REQUIRED (max over runs of that many channels)
         leaky_relu: negative_slope [0.01]
-        flatten, sigmoid, tanh, relu, softmax: no keys
+        upsample: factor REQUIRED (int or list); layer_norm: eps [1e-5]
+        flatten, global_avg_pool, sigmoid, tanh, relu, softmax: no keys
       padding is VALID, SAME (any case), an int p (p zeros both sides of every
       spatial axis, as PyTorch's padding=p) or one [low, high] pair per axis.
       An initialiser (`jax.nn.initializers`) is a name or {name: ..., its keys}:
