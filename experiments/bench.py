@@ -129,7 +129,8 @@ def step_flops(model) -> int:
 def residual_bytes(model, ops, params, images, labels) -> int:
     """Bytes of the arrays the backward of the loss keeps beyond parameters and inputs."""
     from jaxbp.testing import residual_bytes as saved_bytes
-    return saved_bytes(lambda p, x, y: model.loss(p, x, y, ops=ops)[0], params, images, labels)
+    from jaxbp.app.steps import training_loss
+    return saved_bytes(training_loss(model, ops), params, images, labels)
 
 
 def reshape_max_pool(x, window, *, stride=None, padding="VALID"):
@@ -160,12 +161,13 @@ def check_same_gradients(model, ops, baseline, params, images, labels) -> None:
     float64, within `jaxbp.testing`'s tolerance (the one `jaxbp check` uses)."""
     import jax
     import jax.numpy as jnp
+    from jaxbp.app.steps import training_loss
     from jaxbp.testing import relative_error, tolerance
     with jax.enable_x64(True):
         wide = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
         x = jnp.asarray(images[:8], jnp.float64)
-        got, want = (jax.jit(jax.value_and_grad(
-            lambda p, o=o: model.loss(p, x, labels[:8], ops=o)[0]))(wide) for o in (ops, baseline))
+        got, want = (jax.jit(jax.value_and_grad(training_loss(model, o, dtype=jnp.float64)))(
+            wide, x, labels[:8]) for o in (ops, baseline))
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             error = relative_error(a, b)
             if error > tolerance(jnp.float64):

@@ -52,15 +52,15 @@ def run_jaxbp(exp, target: float) -> dict:
     steps = steps_per_epoch(exp)
     optimizer = make_optimizer(cfg.optimizer, steps, cfg.train.epochs)
     state = {"s": initial_state(exp.model, optimizer, cfg.train.seed, jnp.float32)}
-    step = make_train_step(exp.model, optimizer, jnp.float32)
+    step = make_train_step(exp.model, optimizer, jnp.float32, seed=cfg.train.seed)
     eval_step = make_eval_step(exp.model, jnp.float32)
 
     def train_epoch(epoch):
         state["s"] = train.train_epoch(step, state["s"], exp, epoch, steps)[0]
 
     def evaluate():
-        return train.evaluate(eval_step, state["s"].params, exp.test, cfg.data.batch_size,
-                              jnp.float32)[1]
+        return train.evaluate(eval_step, state["s"].params, state["s"].model_state, exp.test,
+                              cfg.data.batch_size, jnp.float32)[1]
 
     return _epochs_to_target(train_epoch, evaluate, cfg.train.epochs, target, start)
 

@@ -2,7 +2,7 @@
 
 The layer protocol follows `jax.example_libraries.stax`: a layer is a pair of functions,
 `init` that infers the output shape from the input shape and draws the parameters, and
-`apply` that runs the layer. Two changes:
+`apply` that runs the layer (`init, apply = layer` unpacks it as in stax). The changes:
 
   * `apply(params, x, ops=HAND)` takes the primitives to run through: `HAND` (the
     hand-derived custom_vjp rules) or `REFERENCE` (the plain twins, differentiated by JAX).
@@ -12,19 +12,29 @@ The layer protocol follows `jax.example_libraries.stax`: a layer is a pair of fu
     shape by evaluating the layer abstractly (`jax.eval_shape`), so the layer's own argument
     checks reject shapes that cannot fit before any data is seen. Parameters are dicts
     (`{"w": ..., "b": ...}`, `{}` when none); `input_shape` excludes the batch axis.
+  * Training and evaluation differ for some layers, as in Flax and PyTorch:
+    `apply(..., train=True, rng=key)` draws dropout masks from `rng` and normalises batch
+    norm with the batch's statistics; `train=False` (the default) runs their `inference`.
+    Non-trainable state (batch norm's running statistics) comes from
+    `layer.init_state(input_shape, dtype)`; pass it as `state=` and `apply` returns
+    `(y, new_state)`, the statistics renewed in training and unchanged in evaluation.
+    Stateless layers have the state `{}`.
 
 Every layer comes from the registry (`jaxbp.registry`): `layer("conv", 6, 5, padding=1)`
 builds any registered layer, its required hyperparameters positional in order, the rest by
-keyword, and `Conv`, `Dense`, ... are that for the built-in ones.
+keyword, and `Conv`, `Dense`, ... are that for the built-in ones. `serial` chains layers and
+`residual` adds a shortcut around them.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence, Tuple
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxbp import registry
+from jaxbp import layers as hand_layers
+from jaxbp import reference, registry
 from jaxbp._spatial import fail
 from jaxbp.initializers import (constant, glorot_normal, glorot_uniform, he_normal, he_uniform,
                                 initializer, lecun_normal, lecun_uniform, normal, ones,
@@ -35,19 +45,34 @@ from jaxbp.schema import REQUIRED
 Shape = Tuple[int, ...]
 
 __all__ = [
-    "Ops", "HAND", "REFERENCE", "Layer", "layer", "serial", "Conv", "MaxPool", "AvgPool",
-    "ChannelMax", "Dense", "Flatten", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Softmax",
-    "initializer", "constant", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform",
-    "lecun_normal", "lecun_uniform", "normal", "ones", "truncated_normal", "uniform",
-    "variance_scaling", "zeros",
+    "Ops", "HAND", "REFERENCE", "Layer", "layer", "serial", "residual", "Conv", "MaxPool",
+    "AvgPool", "ChannelMax", "Dense", "Flatten", "Sigmoid", "Tanh", "Relu", "LeakyRelu",
+    "Softmax", "initializer", "constant", "glorot_normal", "glorot_uniform", "he_normal",
+    "he_uniform", "lecun_normal", "lecun_uniform", "normal", "ones", "truncated_normal",
+    "uniform", "variance_scaling", "zeros",
 ]
 
 
-class Layer(NamedTuple):
-    """`init(rng, input_shape, dtype=float32) -> (output_shape, params)`;
-    `apply(params, x, ops=HAND) -> y`, x of shape `(batch, *input_shape)`."""
+def _no_state(input_shape: Sequence[int], dtype=jnp.float32) -> dict:
+    del input_shape, dtype
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A layer: `init, apply = layer`, plus the state it keeps.
+
+    init(rng, input_shape, dtype=float32) -> (output_shape, params).
+    apply(params, x, ops=HAND, *, train=False, rng=None, state=None) -> y, or
+      `(y, new_state)` when `state` is given; x of shape `(batch, *input_shape)`.
+    init_state(input_shape, dtype=float32) -> the non-trainable state (`{}` for none).
+    """
     init: Callable
     apply: Callable
+    init_state: Callable = _no_state
+
+    def __iter__(self):
+        return iter((self.init, self.apply))
 
 
 def _output_shape(apply: Callable, params, input_shape: Shape, dtype) -> Shape:
@@ -56,8 +81,31 @@ def _output_shape(apply: Callable, params, input_shape: Shape, dtype) -> Shape:
     return tuple(jax.eval_shape(lambda p, x: apply(p, x, HAND), params, example).shape[1:])
 
 
+def _next_shape(layer: Layer, input_shape: Shape, dtype) -> Shape:
+    """A layer's output shape, from an abstract init (nothing drawn)."""
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    out = {}
+
+    def init(rng):
+        out["shape"], params = layer.init(rng, input_shape, dtype)
+        return params
+
+    jax.eval_shape(init, key)
+    return out["shape"]
+
+
+def _key_for(rng, index: int):
+    """The key of sub-layer `index`: folded in, so a layer's masks do not depend on how
+    many random layers come before it."""
+    return None if rng is None else jax.random.fold_in(rng, index)
+
+
+def _result(y, state, given):
+    return y if given is None else (y, state)
+
+
 def layer(name: str, *args, **hyperparameters) -> Layer:
-    """The registered layer `name` as an (init, apply) pair.
+    """The registered layer `name` as a `Layer`.
 
     Args:
       name: a registered layer (`jaxbp.registry.layer_names()`).
@@ -83,10 +131,23 @@ def layer(name: str, *args, **hyperparameters) -> Layer:
         params = primitive.init(rng, input_shape, dtype, hyper)
         return _output_shape(apply, params, input_shape, dtype), params
 
-    def apply(params, x, ops: Ops = HAND):
-        return primitive.call(ops.of(primitive), x, params, hyper)
+    def init_state(input_shape: Sequence[int], dtype=jnp.float32):
+        return primitive.init_state(tuple(input_shape), dtype, hyper)
 
-    return Layer(init, apply)
+    def apply(params, x, ops: Ops = HAND, *, train: bool = False, rng=None, state=None):
+        if not train and primitive.inference is not None:
+            if primitive.state and state is None:
+                raise fail(name, "evaluation (train=False) uses the state kept in training; "
+                                 "pass state= (from init_state), or train=True")
+            return _result(primitive.infer(x, params, state or {}, hyper), state, state)
+        if primitive.random and rng is None:
+            raise fail(name, "training draws random numbers; pass rng= (a PRNG key)")
+        y = primitive.call(ops.of(primitive), x, params, hyper, key=rng)
+        if primitive.state and state is not None:
+            state = primitive.updated(jax.lax.stop_gradient(x), state, hyper)
+        return _result(y, state, state)
+
+    return Layer(init, apply, init_state)
 
 
 def _constructor(name: str) -> Callable[..., Layer]:
@@ -111,17 +172,79 @@ Softmax = _constructor("softmax")
 
 
 def serial(*layers: Layer) -> Layer:
-    """Layers in sequence; the parameters are a list with one entry per layer."""
+    """Layers in sequence; the parameters (and the state) are a list with one entry per
+    layer. No layers at all is the identity."""
     def init(rng, input_shape: Sequence[int], dtype=jnp.float32):
         shape, params = tuple(input_shape), []
-        for each, key in zip(layers, jax.random.split(rng, len(layers))):
+        for each, key in zip(layers, jax.random.split(rng, max(len(layers), 1))):
             shape, p = each.init(key, shape, dtype)
             params.append(p)
         return shape, params
 
-    def apply(params, x, ops: Ops = HAND):
-        for each, p in zip(layers, params):
-            x = each.apply(p, x, ops)
-        return x
+    def init_state(input_shape: Sequence[int], dtype=jnp.float32):
+        shape, state = tuple(input_shape), []
+        for each in layers:
+            state.append(each.init_state(shape, dtype))
+            shape = _next_shape(each, shape, dtype)
+        return state
 
-    return Layer(init, apply)
+    def apply(params, x, ops: Ops = HAND, *, train: bool = False, rng=None, state=None):
+        states = [None] * len(layers) if state is None else state
+        new = []
+        for i, (each, p, s) in enumerate(zip(layers, params, states)):
+            out = each.apply(p, x, ops, train=train, rng=_key_for(rng, i), state=s)
+            x, s = out if state is not None else (out, s)
+            new.append(s)
+        return _result(x, new, state)
+
+    return Layer(init, apply, init_state)
+
+
+def _fork_and_add(ops: Ops) -> Tuple[Callable, Callable]:
+    """The fork and the sum of a residual block, hand rules or plain twins like the rest."""
+    return (reference.fork, reference.add) if ops.use_reference else (hand_layers.fork,
+                                                                       hand_layers.add)
+
+
+def residual(main: Layer, shortcut: Optional[Layer] = None) -> Layer:
+    """A residual block: y = main(x) + shortcut(x), the shortcut the identity by default.
+
+    Parameters and state are `{"layers": main's, "shortcut": shortcut's}` (the config's
+    keys). Backward: x feeds both paths, so its delta is the sum of both paths' deltas;
+    that sum is `jaxbp.layers.fork`'s rule, and the shortcut hands δ down unchanged.
+
+    Raises (from `init`):
+      ValueError: the two paths give different shapes, which cannot be added.
+    """
+    shortcut = serial() if shortcut is None else shortcut
+    paths = (("layers", main), ("shortcut", shortcut))
+
+    def init(rng, input_shape: Sequence[int], dtype=jnp.float32):
+        shapes, params = {}, {}
+        for (name, path), key in zip(paths, jax.random.split(rng)):
+            shapes[name], params[name] = path.init(key, tuple(input_shape), dtype)
+        if shapes["layers"] != shapes["shortcut"]:
+            raise fail("residual", f"its layers turn input shape {tuple(input_shape)} into "
+                                   f"{shapes['layers']} but its shortcut into "
+                                   f"{shapes['shortcut']}; the two must match to be added "
+                                   f"(give the shortcut a conv with the same features and "
+                                   f"stride)")
+        return shapes["layers"], params
+
+    def init_state(input_shape: Sequence[int], dtype=jnp.float32):
+        return {name: path.init_state(input_shape, dtype) for name, path in paths}
+
+    def apply(params, x, ops: Ops = HAND, *, train: bool = False, rng=None, state=None):
+        fork, add = _fork_and_add(ops)
+        branches = fork(x)  # backward: δx = δ(layers) + δ(shortcut)
+        out, new = [], {}
+        for i, ((name, path), branch) in enumerate(zip(paths, branches)):
+            s = None if state is None else state[name]
+            y = path.apply(params[name], branch, ops, train=train, rng=_key_for(rng, i),
+                           state=s)
+            if state is not None:
+                y, new[name] = y
+            out.append(y)
+        return _result(add(*out), new, state)
+
+    return Layer(init, apply, init_state)

@@ -18,6 +18,18 @@ parameter arrays, and every keyword of the initialisers after `(rng, input_shape
 default in a signature is the hyperparameter's default; no default makes it required. Each
 function is given only the hyperparameters its own signature names. `checks` may add a
 `jaxbp.schema.Check` per hyperparameter, which validates and normalises its value.
+
+Two kinds of layer behave differently in training and in evaluation, and say so here:
+
+  * A layer whose `hand` takes a parameter named `key` is random (dropout): in training the
+    network hands it a fresh PRNG key; `key` is not a hyperparameter.
+  * A layer with `state` keeps non-trainable arrays (batch norm's running statistics): each
+    is drawn like a parameter, and in training `update(x, *state, **hyperparameters)` returns
+    their new values from the layer's input. The optimizer never sees them.
+
+Either may name an `inference(x, *params, *state, **hyperparameters)` that evaluation runs
+instead of `hand` (running statistics instead of the batch's; no dropout). Evaluation is not
+differentiated, so it has no rule of its own.
 """
 from __future__ import annotations
 
@@ -56,6 +68,12 @@ class Primitive:
         of one example's forward (the benchmark's FLOP model); None counts nothing.
       torch: optional `build(torch, input_shape, **hyperparameters) -> torch.nn.Module`, the
         PyTorch twin for the benchmark (input_shape channels-last, without the batch).
+      state: `(name, init)` pairs of non-trainable arrays, drawn like `params`.
+      update: `update(x, *state, **hyperparameters) -> new state arrays` (a tuple in `state`'s
+        order), the state after a training step on input x; required with `state`.
+      inference: `inference(x, *params, *state, **hyperparameters) -> y` run in evaluation
+        instead of `hand`; None runs `hand` (or the twin) there too.
+      random: whether `hand` takes a PRNG `key` (a fresh one per training step and layer).
       targets: for losses, "labels" (integer classes) or "one_hot".
       forbid_last_layer: for losses, layer type -> why it cannot come right before this loss.
       module: the module that registered it.
@@ -68,6 +86,10 @@ class Primitive:
     hyperparameters: Mapping[str, Key]
     flops: Optional[Callable] = None
     torch: Optional[Callable] = None
+    state: Tuple[Tuple[str, Callable], ...] = ()
+    update: Optional[Callable] = None
+    inference: Optional[Callable] = None
+    random: bool = False
     targets: str = "labels"
     forbid_last_layer: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
@@ -80,11 +102,25 @@ class Primitive:
                              dict(self.hyperparameters), f" for {self.kind} {self.name!r}")
 
     def call(self, function: Callable, x, params: Mapping[str, Any],
-             hyperparameters: Mapping[str, Any]):
+             hyperparameters: Mapping[str, Any], key=None):
         """`function(x, *params, **its hyperparameters)`: `function` is `hand`, `reference`
-        or a replacement of them with the same signature."""
+        or a replacement of them with the same signature; a random layer gets `key` too."""
         arrays = [params.get(name) for name, _ in self.params]
-        return function(x, *arrays, **_taken_by(function, hyperparameters, self.hand))
+        extra = {"key": key} if self.random else {}
+        return function(x, *arrays, **_taken_by(function, hyperparameters, self.hand), **extra)
+
+    def infer(self, x, params: Mapping[str, Any], state: Mapping[str, Any],
+              hyperparameters: Mapping[str, Any]):
+        """Evaluation's forward: `inference(x, *params, *state, ...)`."""
+        arrays = [params.get(name) for name, _ in self.params]
+        arrays += [state[name] for name, _ in self.state]
+        return self.inference(x, *arrays, **_taken_by(self.inference, hyperparameters))
+
+    def updated(self, x, state: Mapping[str, Any], hyperparameters: Mapping[str, Any]) -> dict:
+        """The state after a training step on input x: `update(x, *state, ...)` by name."""
+        new = self.update(x, *(state[name] for name, _ in self.state),
+                          **_taken_by(self.update, hyperparameters))
+        return dict(zip((name for name, _ in self.state), new))
 
     def torch_module(self, torch, input_shape, hyperparameters: Mapping[str, Any]):
         """The PyTorch twin (`torch`'s module for one example's channels-last input shape),
@@ -96,14 +132,25 @@ class Primitive:
     def init(self, rng, input_shape, dtype, hyperparameters: Mapping[str, Any]) -> dict:
         """The parameters drawn for one input shape: `{name: array}`, switched-off ones left
         out."""
+        return _drawn(self.params, rng, input_shape, dtype, hyperparameters)
+
+    def init_state(self, input_shape, dtype, hyperparameters: Mapping[str, Any]) -> dict:
+        """The non-trainable state for one input shape: `{name: array}` (`{}` for none)."""
         import jax
-        params = {}
-        keys = jax.random.split(rng, max(len(self.params), 1))
-        for key, (name, init) in zip(keys, self.params):
-            value = init(key, tuple(input_shape), dtype, **_taken_by(init, hyperparameters))
-            if value is not None:
-                params[name] = value
-        return params
+        return _drawn(self.state, jax.random.PRNGKey(0), input_shape, dtype, hyperparameters)
+
+
+def _drawn(inits, rng, input_shape, dtype, hyperparameters: Mapping[str, Any]) -> dict:
+    """`{name: init(key, input_shape, dtype, ...)}` over `(name, init)` pairs, one key each,
+    None values (a switched-off bias) left out."""
+    import jax
+    arrays = {}
+    keys = jax.random.split(rng, max(len(inits), 1))
+    for key, (name, init) in zip(keys, inits):
+        value = init(key, tuple(input_shape), dtype, **_taken_by(init, hyperparameters))
+        if value is not None:
+            arrays[name] = value
+    return arrays
 
 
 def _static(value: Any) -> Any:
@@ -149,14 +196,24 @@ def _signature_defaults(function: Callable, skip: int, what: str) -> dict:
 
 
 def _hyperparameters(name: str, hand: Callable, inits: Mapping[str, Callable],
-                     checks: Mapping[str, Check]) -> dict:
+                     checks: Mapping[str, Check], state: Optional[Mapping[str, Callable]] = None,
+                     update: Optional[Callable] = None, inference: Optional[Callable] = None
+                     ) -> dict:
     """The schema of a primitive's hyperparameters, from its signatures and `checks`."""
     merged: dict = {}
     # The initialisers first: their keys (features, kernel) lead a layer's description.
     sources = [(f"{name}: params[{p!r}]", init, 3) for p, init in inits.items()]
+    state = state or {}
+    sources += [(f"{name}: state[{s!r}]", init, 3) for s, init in state.items()]
     sources += [(f"{name}: hand", hand, 1 + len(inits))]
+    if update is not None:
+        sources += [(f"{name}: update", update, 1 + len(state))]
+    if inference is not None:
+        sources += [(f"{name}: inference", inference, 1 + len(inits) + len(state))]
     for what, function, skip in sources:
         for key, default in _signature_defaults(function, skip, what).items():
+            if key == "key":  # a random layer's PRNG key comes from the network
+                continue
             if key in merged and merged[key] is not default and merged[key] != default:
                 raise RegistryError(f"{what}: hyperparameter {key!r} defaults to {default!r} "
                                     f"here but to {merged[key]!r} in another signature")
@@ -191,7 +248,9 @@ def _caller_module() -> str:
 def register_layer(name: str, *, hand: Callable, reference: Callable,
                    params: Optional[Mapping[str, Callable]] = None,
                    checks: Optional[Mapping[str, Check]] = None,
-                   flops: Optional[Callable] = None, torch: Optional[Callable] = None
+                   flops: Optional[Callable] = None, torch: Optional[Callable] = None,
+                   state: Optional[Mapping[str, Callable]] = None,
+                   update: Optional[Callable] = None, inference: Optional[Callable] = None
                    ) -> Primitive:
     """Registers a layer under `name`, its config `type`.
 
@@ -204,17 +263,27 @@ def register_layer(name: str, *, hand: Callable, reference: Callable,
         takes them after x, `input_shape` being one example's shape; None for no parameters.
       checks: optional `jaxbp.schema.Check` per hyperparameter.
       flops, torch: optional benchmark hooks, see `Primitive`.
+      state: `{name: init(rng, input_shape, dtype, **hyperparameters)}`, non-trainable arrays
+        that `update` renews in training (running statistics); None for none.
+      update: `update(x, *state, **hyperparameters) -> tuple of new state arrays`.
+      inference: `inference(x, *params, *state, **hyperparameters) -> y`, run in evaluation
+        instead of `hand`.
 
     Returns:
       The `Primitive`.
 
     Raises:
-      RegistryError: `name` is registered by another module, or the signatures disagree.
+      RegistryError: `name` is registered by another module, the signatures disagree, or
+        `state` comes without `update`.
     """
-    inits = dict(params or {})
-    schema = _hyperparameters(name, hand, inits, dict(checks or {}))
+    inits, kept = dict(params or {}), dict(state or {})
+    if bool(kept) != (update is not None):
+        raise RegistryError(f"{name}: state and update go together: state names the arrays, "
+                            f"update renews them")
+    schema = _hyperparameters(name, hand, inits, dict(checks or {}), kept, update, inference)
     return _register(Primitive(name, "layer", hand, reference, tuple(inits.items()),
-                               MappingProxyType(schema), flops, torch,
+                               MappingProxyType(schema), flops, torch, tuple(kept.items()),
+                               update, inference, "key" in (_keyword_names(hand) or ()),
                                module=_caller_module()))
 
 

@@ -130,7 +130,7 @@ def test_quadratic_loss_uses_one_hot_targets():
     x, labels = _batch(model, jnp.float64, batch=3)
     out = np.asarray(model.apply(params, x))
     expected = 0.5 * np.sum((out - np.eye(3)[np.asarray(labels)]) ** 2) / 3
-    loss, outputs = model.loss(params, x, labels)
+    loss, (outputs, _) = model.loss(params, x, labels)
     assert float(loss) == pytest.approx(expected, rel=1e-12)
     np.testing.assert_array_equal(outputs, out)
 

@@ -21,6 +21,7 @@ import numpy as np
 from jaxbp.app import data
 from jaxbp.app.experiment import init_params, setup
 from jaxbp.app.report import write_atomic
+from jaxbp.app.steps import training_loss
 from jaxbp.registry import HAND, REFERENCE
 from jaxbp.testing import TOLERANCE, relative_error
 
@@ -36,11 +37,14 @@ def compare(name: str, hand, reference, tolerance: float) -> dict:
             "max_rel_error": rel_error, "ok": bool(rel_error <= tolerance)}
 
 
-def gradient_check(model, params, images, labels, tolerance: float) -> dict:
-    """Rows for the loss value and for every parameter's gradient, plus the overall verdict."""
+def gradient_check(model, params, images, labels, tolerance: float, seed: int = 0) -> dict:
+    """Rows for the loss value and for every parameter's gradient, plus the overall verdict.
+
+    The loss is the first train step's (training mode: batch statistics, and the same
+    dropout masks through both, drawn from `seed`)."""
     def loss_and_grad(ops):
-        value_and_grad = jax.value_and_grad(lambda p: model.loss(p, images, labels, ops=ops)[0])
-        return jax.jit(value_and_grad)(params)
+        loss = training_loss(model, ops, seed, images.dtype)
+        return jax.jit(jax.value_and_grad(loss))(params, images, labels)
 
     hand_loss, hand_grads = loss_and_grad(HAND)
     ref_loss, ref_grads = loss_and_grad(REFERENCE)
@@ -73,7 +77,7 @@ def run_check(cfg: Mapping, out_dir: str, echo: Callable = print) -> dict:
                                                   cfg.train.seed, 1)))
     params = init_params(exp.model, cfg.train.seed, exp.dtype)
     result = gradient_check(exp.model, params, jnp.asarray(images, exp.dtype),
-                            jnp.asarray(labels), TOLERANCE[precision])
+                            jnp.asarray(labels), TOLERANCE[precision], cfg.train.seed)
     result = {"precision": precision, "batch_size": len(labels), **result}
     echo(format_table(result))
     os.makedirs(out_dir, exist_ok=True)

@@ -26,6 +26,9 @@ Unknown keys are errors.
         leaky_relu: negative_slope [0.01]
         upsample: factor REQUIRED (int or list); layer_norm: eps [1e-5]
         flatten, global_avg_pool, sigmoid, tanh, relu, softmax: no keys
+        residual: layers REQUIRED (a list of layers: the main path), shortcut
+          [[]: the identity] (a list of layers); the block outputs
+          main(x) + shortcut(x), so both paths must give the same shape
       padding is VALID, SAME (any case), an int p (p zeros both sides of every
       spatial axis, as PyTorch's padding=p) or one [low, high] pair per axis.
       An initialiser (`jax.nn.initializers`) is a name or {name: ..., its keys}:
@@ -54,6 +57,13 @@ Unknown keys are errors.
       dir [null]: folder of the source files (idx files for the images);
       data_dir [null]: where prepared data is cached;
       limit_train [null], limit_test [null]: use only the first N examples
+      augment [{}]: training batches only, drawn from (train.seed, epoch) so a
+        resumed run sees the same ones: crop_padding [0] (pad every spatial axis
+        by that many background values, then crop a random window of the
+        original size), flip [false] (mirror the last spatial axis, half the time)
+      target [labels] | input: what the loss compares the outputs with; input
+        trains an autoencoder (the net must output the input's shape, and the
+        loss compare arrays, e.g. quadratic); it reports reconstruction error
     train:
       epochs [10], seed [0], precision [float32] | float64,
       eval_every [1] (epochs between test evaluations),
@@ -77,12 +87,13 @@ import yaml
 
 from jaxbp import registry
 from jaxbp.app.data import DATASETS
+from jaxbp.app.model import RESIDUAL
 from jaxbp.schema import (BOOLEAN, FRACTION, POSITIVE, POSITIVE_INT, REQUIRED, STRING, Check,
                           ConfigError, Key, join_path, check_mapping, choice, integer, list_of,
                           mapping, number, optional, tagged)
 
 __all__ = ["ConfigError", "Section", "Config", "ModelConfig", "LayerConfig", "OptimizerConfig",
-           "ScheduleConfig", "DataConfig", "TrainConfig", "DATA", "TRAIN", "schema", "validate_config",
+           "ScheduleConfig", "DataConfig", "AugmentConfig", "TrainConfig", "DATA", "TRAIN", "schema", "validate_config",
            "validate_model", "validate_optimizer", "load_config",
            "apply_override", "dump_config", "read_yaml", "parse_value", "import_modules"]
 
@@ -158,6 +169,11 @@ DATA = {
     "data_dir": Key(optional(STRING), None),
     "limit_train": Key(optional(POSITIVE_INT), None),
     "limit_test": Key(optional(POSITIVE_INT), None),
+    "augment": Key(mapping({
+        "crop_padding": Key(integer(lambda v: v >= 0, "an integer >= 0"), 0),
+        "flip": Key(BOOLEAN, False),
+    }), {}),
+    "target": Key(choice(("labels", "input"), "target"), "labels"),
 }
 
 TRAIN = {
@@ -199,8 +215,20 @@ def _model_schema() -> dict:
 
 
 def _layer_types() -> dict:
-    """type -> hyperparameter schema, for every layer registered now."""
-    return {name: dict(registry.get(name).hyperparameters) for name in registry.layer_names()}
+    """type -> its keys' schema: every layer registered now, and the residual block, whose
+    `layers` and `shortcut` are lists of layers again."""
+    types = {name: dict(registry.get(name).hyperparameters) for name in registry.layer_names()}
+    layer = Check(lambda path, value: tagged("type", types, "layer type").fn(path, value),
+                  "a layer")
+    types[RESIDUAL] = {"layers": Key(list_of(layer), REQUIRED),
+                       "shortcut": Key(_possibly_empty(list_of(layer)), [])}
+    return types
+
+
+def _possibly_empty(check: Check) -> Check:
+    """`check`, or an empty list (a residual block's identity shortcut); null is [] too."""
+    return Check(lambda path, value: [] if value in (None, []) else check.fn(path, value),
+                 f"[] or {check.what}")
 
 
 # ---------------------------------------------------------------- the validated config
@@ -273,13 +301,17 @@ def _frozen(value: Any, section: type) -> Any:
 
 
 class LayerConfig(Section):
-    """One item of `model.layers`: its `type` and that layer's hyperparameters."""
+    """One item of `model.layers`: its `type` and that layer's hyperparameters; a residual
+    block's `layers` and `shortcut` are LayerConfigs again."""
     type: str
 
     @property
     def hyperparameters(self) -> dict:
         """Every key but `type`, as plain values (lists, dicts)."""
         return {k: _thawed(v) for k, v in self.items() if k != "type"}
+
+
+LayerConfig._nested = {"layers": LayerConfig, "shortcut": LayerConfig}
 
 
 class ModelConfig(Section):
@@ -301,6 +333,11 @@ class OptimizerConfig(Section):
     _nested = {"schedule": ScheduleConfig}
 
 
+class AugmentConfig(Section):
+    crop_padding: int
+    flip: bool
+
+
 class DataConfig(Section):
     name: str
     batch_size: int
@@ -309,6 +346,9 @@ class DataConfig(Section):
     data_dir: Optional[str]
     limit_train: Optional[int]
     limit_test: Optional[int]
+    augment: AugmentConfig
+    target: str
+    _nested = {"augment": AugmentConfig}
 
 
 class TrainConfig(Section):

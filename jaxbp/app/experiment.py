@@ -74,10 +74,11 @@ def init_params(model: Model, seed: int, dtype):
 
 
 def initial_state(model: Model, optimizer, seed: int, dtype) -> TrainState:
-    """Parameters drawn from `seed` and the optimizer's initial state."""
+    """Parameters drawn from `seed`, the optimizer's and the layers' initial state, step 0."""
     def init(key):
         params = model.init(key, dtype=dtype)
-        return TrainState(params, optimizer.init(params))
+        return TrainState(params, optimizer.init(params), model.init_state(dtype),
+                          jnp.zeros((), jnp.int32))
 
     return run_once(init, jax.random.PRNGKey(seed))
 

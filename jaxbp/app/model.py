@@ -26,8 +26,13 @@ Shape = Tuple[int, ...]
 
 
 class SummaryRow(NamedTuple):
-    """One line of a model summary; shapes are per example."""
-    index: int
+    """One line of a model summary; shapes are per example.
+
+    `path` locates the layer in `model.layers`: "3" for the fourth item, "3.layers.0" for
+    the first layer inside a residual block there, "3.shortcut.0" for its shortcut's. The
+    parameters are at the same path of the parameter tree ("3/layers/0/w").
+    """
+    path: str
     type: str
     layer: str            # type and the hyperparameters that differ from the defaults
     input_shape: Shape
@@ -38,23 +43,45 @@ class SummaryRow(NamedTuple):
     def params(self) -> int:
         return sum(math.prod(shape) for shape in self.param_shapes.values())
 
+    @property
+    def where(self) -> str:
+        """The config key of this layer: `model.layers[3].shortcut[0]`."""
+        parts = self.path.split(".")
+        keys = ["layers"] + parts[1:-1:2]
+        return "model." + ".".join(f"{k}[{i}]" for k, i in zip(keys, parts[::2]))
+
+    @property
+    def depth(self) -> int:
+        return self.path.count(".") // 2
+
 
 class Model(NamedTuple):
     """A network with its loss.
 
-    init(rng, dtype=jnp.float32) -> params: a list with one dict per layer.
-    apply(params, x, ops=HAND) -> outputs `(batch, num_classes)`; x is
-      `(batch, *anything)` holding prod(input_shape) values per example.
-    loss(params, x, labels, ops=HAND) -> (scalar loss, outputs): the outputs come along
-      (`has_aux`) so a train step that needs them runs the forward once.
+    init(rng, dtype=jnp.float32) -> params: a list with one entry per layer.
+    init_state(dtype=jnp.float32) -> the non-trainable state (running statistics), a list
+      with one entry per layer (`{}` for most).
+    apply(params, x, ops=HAND, *, train=False, rng=None, state=None) -> outputs
+      `(batch, *output_shape)`, or `(outputs, new_state)` when `state` is given (see
+      `jaxbp.nn`); x is `(batch, *anything)` holding prod(input_shape) values per example.
+    loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None)
+      -> (scalar loss, (outputs, new_state)): the outputs come along (`has_aux`) so a train
+      step that needs them runs the forward once; new_state is None without `state`.
     """
     init: Callable
+    init_state: Callable
     apply: Callable
     loss: Callable
     summary: Tuple[SummaryRow, ...]
     input_shape: Shape
     num_classes: int
     loss_name: str
+
+    @property
+    def has_state(self) -> bool:
+        """Whether any layer keeps state (batch norm's running statistics)."""
+        return bool(jax.tree_util.tree_leaves(
+            jax.eval_shape(lambda: self.init_state(jnp.float32))))
 
 
 def _is_default(key: str, value: Any, spec) -> bool:
@@ -73,18 +100,47 @@ def _format_value(value: Any) -> str:
 
 def _describe(item: LayerConfig) -> str:
     """'conv(features=6, kernel=5, padding=SAME)': the type and its non-default keys."""
+    if item.type == RESIDUAL:
+        shortcut = f"{len(item.shortcut)} layers" if item.shortcut else "identity"
+        return f"residual(shortcut: {shortcut})"
     schema = registry.get(item.type).hyperparameters
     shown = [f"{k}={_format_value(v)}" for k, v in item.hyperparameters.items()
              if not _is_default(k, v, schema[k])]
     return f"{item.type}({', '.join(shown)})" if shown else item.type
 
 
-def _trace(layers: Sequence[nn.Layer], items: Sequence[LayerConfig], input_shape: Shape
-           ) -> Tuple[SummaryRow, ...]:
-    """Summary rows from abstract inits; a layer that rejects its input becomes a ConfigError."""
+RESIDUAL = "residual"
+"""The config type of a residual block: `{type: residual, layers: [...], shortcut: [...]}`."""
+
+
+def _build_layer(item: LayerConfig, path: str, where: str) -> nn.Layer:
+    if item.type == RESIDUAL:
+        return nn.residual(_build_list(item.layers, f"{path}.layers", f"{where}.layers"),
+                           _build_list(item.shortcut, f"{path}.shortcut", f"{where}.shortcut"))
+    try:
+        return nn.layer(item.type, **item.hyperparameters)
+    except (ConfigError, LayerArgumentError) as err:  # values the schema let through
+        raise ConfigError(f"{where} ({item.type}): {err}") from None
+
+
+def _build_list(items: Sequence[LayerConfig], path: str, where: str) -> nn.Layer:
+    """`nn.serial` of the items; `path` is "" at the top, "3.layers" inside block 3."""
+    prefix = f"{path}." if path else ""
+    return nn.serial(*(_build_layer(item, f"{prefix}{i}", f"{where}[{i}]")
+                       for i, item in enumerate(items)))
+
+
+def _trace(items: Sequence[LayerConfig], input_shape: Shape, path: str = ""
+           ) -> Tuple[Tuple[SummaryRow, ...], Shape]:
+    """Summary rows (a block's own row, then its layers') and the output shape, from
+    abstract inits; a layer that rejects its input becomes a ConfigError naming it."""
     rows, shape = [], input_shape
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    for index, (layer, item) in enumerate(zip(layers, items)):
+    prefix = f"{path}." if path else ""
+    for i, item in enumerate(items):
+        here = f"{prefix}{i}"
+        row = SummaryRow(here, item.type, _describe(item), shape, (), {})
+        layer = _build_layer(item, here, row.where)
         out = {}
 
         def abstract_init(rng, layer=layer, shape=shape, out=out):
@@ -94,12 +150,17 @@ def _trace(layers: Sequence[nn.Layer], items: Sequence[LayerConfig], input_shape
         try:
             params = jax.eval_shape(abstract_init, key)
         except LayerArgumentError as err:
-            raise ConfigError(f"model.layers[{index}] ({item.type}): input of shape {shape}: "
+            raise ConfigError(f"{row.where} ({item.type}): input of shape {shape}: "
                               f"{err}") from None
-        rows.append(SummaryRow(index, item.type, _describe(item), shape, out["shape"],
-                               {name: tuple(p.shape) for name, p in params.items()}))
+        if item.type == RESIDUAL:
+            inner = [_trace(item.layers, shape, f"{here}.layers")[0],
+                     _trace(item.shortcut, shape, f"{here}.shortcut")[0]]
+            rows += [row._replace(output_shape=out["shape"]), *inner[0], *inner[1]]
+        else:
+            rows.append(row._replace(output_shape=out["shape"], param_shapes={
+                name: tuple(p.shape) for name, p in params.items()}))
         shape = out["shape"]
-    return tuple(rows)
+    return tuple(rows), shape
 
 
 def _model_input_shape(wanted, data_shape: Sequence[int]) -> Shape:
@@ -110,13 +171,6 @@ def _model_input_shape(wanted, data_shape: Sequence[int]) -> Shape:
                           f"but the data set's examples of shape {tuple(data_shape)} hold "
                           f"{math.prod(data_shape)}")
     return tuple(wanted)
-
-
-def _build_layer(index: int, item: LayerConfig) -> nn.Layer:
-    try:
-        return nn.layer(item.type, **item.hyperparameters)
-    except (ConfigError, LayerArgumentError) as err:  # values the schema let through
-        raise ConfigError(f"model.layers[{index}] ({item.type}): {err}") from None
 
 
 def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[int],
@@ -131,44 +185,50 @@ def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[in
 
     Raises:
       ConfigError: naming the layer that cannot take its input's shape
-        (`model.layers[3] (conv): ...`), or an output size that is not `num_classes`.
+        (`model.layers[3] (conv): ...`, `model.layers[4].layers[1] (conv): ...`), a residual
+        block whose paths disagree, or an output size that is not `num_classes`.
     """
     loss_rule = registry.get(loss_name, "loss")
     shape = _model_input_shape(model_cfg.input_shape, input_shape)
     items = model_cfg.layers
-    layers = [_build_layer(i, item) for i, item in enumerate(items)]
-    summary = _trace(layers, items, shape)
-    last = summary[-1]
-    if last.output_shape != (num_classes,):
-        raise ConfigError(f"model.layers[{last.index}] ({last.type}): the network outputs "
-                          f"shape {last.output_shape} per example, but the data set has "
+    summary, output_shape = _trace(items, shape)
+    if output_shape != (num_classes,):
+        last = next(r for r in reversed(summary) if r.depth == 0)
+        raise ConfigError(f"{last.where} ({last.type}): the network outputs "
+                          f"shape {output_shape} per example, but the data set has "
                           f"{num_classes} classes; the last layer must output ({num_classes},)")
-    net = nn.serial(*layers)
+    net = _build_list(items, "", "model.layers")
 
     # One compiled program instead of an eager dispatch (and compile) per initialiser op.
     @functools.partial(jax.jit, static_argnames="dtype")
     def init(rng, dtype=jnp.float32):
         return net.init(rng, shape, dtype)[1]
 
-    def apply(params, x, ops=HAND):
-        return net.apply(params, jnp.reshape(x, (x.shape[0], *shape)), ops)
+    def init_state(dtype=jnp.float32):
+        return net.init_state(shape, dtype)
 
-    def loss(params, x, labels, ops=HAND):
-        out = apply(params, x, ops)
+    def apply(params, x, ops=HAND, *, train=False, rng=None, state=None):
+        return net.apply(params, jnp.reshape(x, (x.shape[0], *shape)), ops, train=train,
+                         rng=rng, state=state)
+
+    def loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None):
+        out = apply(params, x, ops, train=train, rng=rng, state=state)
+        out, new_state = out if state is not None else (out, None)
         targets = labels
         if loss_rule.targets == "one_hot":
             targets = jax.nn.one_hot(labels, num_classes, dtype=out.dtype)
-        return ops.of(loss_rule)(out, targets), out
+        return ops.of(loss_rule)(out, targets), (out, new_state)
 
-    return Model(init, apply, loss, summary, shape, num_classes, loss_name)
+    return Model(init, init_state, apply, loss, summary, shape, num_classes, loss_name)
 
 
 def format_summary(model: Model) -> str:
     """The summary as an aligned text table, with the input row and the parameter total."""
     rows = [("#", "layer", "output shape", "params"), ("", "input", str(model.input_shape), "")]
-    rows += [(str(r.index), r.layer, str(r.output_shape), f"{r.params:,}") for r in model.summary]
+    rows += [(r.path, "  " * r.depth + r.layer, str(r.output_shape),
+              "" if r.type == RESIDUAL else f"{r.params:,}") for r in model.summary]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [f"{a:>{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}"
+    lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}"
              for a, b, c, d in rows]
     total = sum(r.params for r in model.summary)
     lines.insert(1, "-" * len(lines[0]))

@@ -45,12 +45,15 @@ def resume_state(out_dir: str, epoch: int, template: TrainState) -> tuple[TrainS
     """The state and meta of checkpoint `epoch`, in the template's structure and dtypes."""
     abstract = jax.eval_shape(lambda: template)
     try:
-        restored = checkpoint.restore(out_dir, epoch, abstract.params, abstract.opt_state)
+        restored = checkpoint.restore(out_dir, epoch, abstract.params, abstract.opt_state,
+                                      abstract.model_state)
     except ValueError as exc:
         raise RunError(f"the checkpoint of epoch {epoch} in {checkpoint.checkpoint_dir(out_dir)} "
                        f"does not fit this config's model/optimizer: "
                        f"{str(exc).splitlines()[0]}") from None
-    return TrainState(restored.params, restored.opt_state), restored.meta
+    step = jax.numpy.asarray(restored.meta["step"], template.step.dtype)
+    return TrainState(restored.params, restored.opt_state, restored.model_state,
+                      step), restored.meta
 
 
 def resumed(out_dir: str, latest: int, fresh: TrainState, cfg: Mapping

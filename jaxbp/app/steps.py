@@ -17,8 +17,26 @@ from jaxbp.registry import HAND
 
 
 class TrainState(NamedTuple):
+    """What a train step carries from one step to the next.
+
+    params: the trainable parameters; opt_state: the optimizer's state; model_state: the
+    layers' non-trainable state (batch norm's running statistics; empty dicts for most);
+    step: the number of steps taken, from which each step's dropout key is drawn.
+    """
     params: Any
     opt_state: Any
+    model_state: Any
+    step: jax.Array
+
+
+def step_key(seed: int, step) -> jax.Array:
+    """The PRNG key of training step `step` of a run seeded `seed`: a function of the two
+    alone, so a resumed run draws the same dropout masks as an uninterrupted one."""
+    stream = jax.random.fold_in(jax.random.PRNGKey(seed), _DROPOUT_STREAM)
+    return jax.random.fold_in(stream, step)
+
+
+_DROPOUT_STREAM = 1  # the initial parameters use PRNGKey(seed) itself
 
 
 class Totals(NamedTuple):
@@ -35,31 +53,45 @@ def zero_totals(dtype) -> Totals:
     return Totals(jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
 
 
+def training_loss(model, ops=HAND, seed: int = 0, dtype=jnp.float32) -> Callable:
+    """`loss(params, images, labels) -> scalar` as the first train step computes it (training
+    mode, the initial layer state, step 0's key): what `jaxbp check` and the benchmark
+    differentiate through the hand rules and through the twins."""
+    def loss(params, images, labels):
+        return model.loss(params, images, labels, ops=ops, train=True,
+                          rng=step_key(seed, 0), state=model.init_state(dtype))[0]
+    return loss
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, dtype,
-                    ops=HAND) -> Callable:
+                    ops=HAND, seed: int = 0) -> Callable:
     """jit(state, totals, images, labels) -> (state, totals), with state and totals donated;
-    `ops` the primitives to run through (the hand rules; the benchmark also times others)."""
+    `ops` the primitives to run through (the hand rules; the benchmark also times others),
+    `seed` the run's, for the dropout keys."""
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(state: TrainState, totals: Totals, images, labels):
         images = images.astype(dtype)
-        (loss, outputs), grads = jax.value_and_grad(model.loss, has_aux=True)(
-            state.params, images, labels, ops=ops)
+        (loss, (outputs, model_state)), grads = jax.value_and_grad(model.loss, has_aux=True)(
+            state.params, images, labels, ops=ops, train=True,
+            rng=step_key(seed, state.step), state=state.model_state)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         correct = count_correct(outputs, labels)
-        return TrainState(params, opt_state), Totals(totals.loss + loss, totals.correct + correct)
+        return (TrainState(params, opt_state, model_state, state.step + 1),
+                Totals(totals.loss + loss, totals.correct + correct))
 
     return train_step
 
 
 def make_eval_step(model, dtype) -> Callable:
-    """jit(params, totals, images, labels) -> totals; totals donated."""
+    """jit(params, model_state, totals, images, labels) -> totals; totals donated.
+    Evaluation mode: batch norm uses its running statistics, dropout keeps everything."""
 
-    @functools.partial(jax.jit, donate_argnums=(1,))
-    def eval_step(params, totals: Totals, images, labels):
+    @functools.partial(jax.jit, donate_argnums=(2,))
+    def eval_step(params, model_state, totals: Totals, images, labels):
         images = images.astype(dtype)
-        loss, outputs = model.loss(params, images, labels, ops=HAND)
+        loss, (outputs, _) = model.loss(params, images, labels, ops=HAND, state=model_state)
         correct = count_correct(outputs, labels)
         return Totals(totals.loss + loss * images.shape[0], totals.correct + correct)
 

@@ -37,12 +37,14 @@ class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite; the run stopped before saving that epoch."""
 
 
-def evaluate(eval_step: Callable, params, split, batch_size: int, dtype) -> tuple[float, float]:
+def evaluate(eval_step: Callable, params, model_state, split, batch_size: int, dtype
+             ) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole split, in order, the last batch possibly smaller."""
     totals = zero_totals(dtype)
     for images, labels in data.epoch_batches(split, batch_size, 0, 0, shuffle=False,
                                              drop_remainder=False):
-        totals = eval_step(params, totals, jax.device_put(images), jax.device_put(labels))
+        totals = eval_step(params, model_state, totals, jax.device_put(images),
+                           jax.device_put(labels))
     loss, correct = jax.device_get(totals)
     n = len(split.labels)
     return float(loss) / n, float(correct) / n
@@ -62,8 +64,10 @@ def _refresh_every(steps: int) -> int:
 
 
 def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
-                steps: int) -> tuple[TrainState, float, float, float]:
-    """One pass over the shuffled train split: (state, mean loss, accuracy, seconds).
+                steps: int, augment: data.Augment = data.Augment()
+                ) -> tuple[TrainState, float, float, float]:
+    """One pass over the shuffled (and augmented) train split: (state, mean loss, accuracy,
+    seconds).
 
     The progress bar (stderr, only on a terminal) is the only reason to read the
     totals before the epoch ends; a non-finite running loss ends the epoch early.
@@ -75,7 +79,9 @@ def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
                file=sys.stderr, disable=not sys.stderr.isatty())
     refresh, done = _refresh_every(steps), 0
     with bar:
-        batches = data.epoch_batches(exp.train, batch_size, exp.cfg.train.seed, epoch)
+        seed = exp.cfg.train.seed
+        batches = data.augmented(data.epoch_batches(exp.train, batch_size, seed, epoch),
+                                 augment, seed, epoch)
         for i, (images, labels) in enumerate(batches, 1):
             state, totals = step(state, totals, jax.device_put(images), jax.device_put(labels))
             if not bar.disable and (i % refresh == 0 or i == steps):
@@ -96,28 +102,32 @@ def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, step
     """Trains the epochs after `records`; returns the state, all records and the compile time."""
     tcfg, batch_size = exp.cfg.train, exp.cfg.data.batch_size
     start = time.perf_counter()
-    train_step = compile_train_step(make_train_step(exp.model, optimizer, exp.dtype), state, exp)
+    train_step = compile_train_step(
+        make_train_step(exp.model, optimizer, exp.dtype, seed=tcfg.seed), state, exp)
     compile_time = time.perf_counter() - start
     eval_step = make_eval_step(exp.model, exp.dtype)
+    augment = data.Augment.of(exp.cfg.data.augment, exp.train)
     with checkpoint.CheckpointWriter(out_dir) as writer:
         for epoch in range(len(records) + 1, tcfg.epochs + 1):
-            state, loss, accuracy, seconds = train_epoch(train_step, state, exp, epoch, steps)
-            if not (np.isfinite(loss) and all_finite(state.params)):
+            state, loss, accuracy, seconds = train_epoch(train_step, state, exp, epoch, steps,
+                                                         augment)
+            if not (np.isfinite(loss) and all_finite((state.params, state.model_state))):
                 raise NonFiniteLoss(rundir.divergence_message(loss, epoch, out_dir))
             test = None
             if rundir.evaluates(tcfg, epoch):
-                test = evaluate(eval_step, state.params, exp.test, batch_size, exp.dtype)
+                test = evaluate(eval_step, state.params, state.model_state, exp.test,
+                                batch_size, exp.dtype)
             records.append(report.epoch_record(epoch, loss, accuracy, test, seconds,
                                                steps * batch_size))
             echo(report.format_epoch(records[-1], tcfg.epochs))
             if rundir.checkpoints(tcfg, epoch):
                 writer.save(epoch, state.params, state.opt_state,
                             {"epoch": epoch, "step": epoch * steps, "metrics": records,
-                             "config": exp.cfg.to_dict()})
+                             "config": exp.cfg.to_dict()}, state.model_state)
             report.write_metrics(out_dir, records)
     if records[-1]["test_accuracy"] is None:  # resumed at or past the end, never evaluated
-        test_loss, test_accuracy = evaluate(eval_step, state.params, exp.test, batch_size,
-                                            exp.dtype)
+        test_loss, test_accuracy = evaluate(eval_step, state.params, state.model_state,
+                                            exp.test, batch_size, exp.dtype)
         records[-1] = dict(records[-1], test_loss=test_loss, test_accuracy=test_accuracy)
     return state, records, compile_time
 
@@ -165,11 +175,14 @@ def evaluate_checkpoint(cfg: Mapping, run_dir: str) -> dict:
     if latest is None:
         raise RunError(f"no checkpoint found in {checkpoint.checkpoint_dir(run_dir)}")
     abstract = jax.eval_shape(lambda: exp.model.init(jax.random.PRNGKey(0), dtype=exp.dtype))
+    abstract_state = jax.eval_shape(lambda: exp.model.init_state(exp.dtype))
     try:
-        params = checkpoint.restore(run_dir, latest, abstract).params
+        restored = checkpoint.restore(run_dir, latest, abstract,
+                                      abstract_model_state=abstract_state)
     except ValueError as exc:
         raise RunError(f"the checkpoint of epoch {latest} does not fit this config's model: "
                        f"{str(exc).splitlines()[0]}") from None
     eval_step = make_eval_step(exp.model, exp.dtype)
-    loss, accuracy = evaluate(eval_step, params, exp.test, cfg.data.batch_size, exp.dtype)
+    loss, accuracy = evaluate(eval_step, restored.params, restored.model_state, exp.test,
+                              cfg.data.batch_size, exp.dtype)
     return {"epoch": latest, "test_loss": loss, "test_accuracy": accuracy}

@@ -7,6 +7,7 @@ from jaxbp.reference.activations import leaky_relu, relu, sigmoid, softmax, tanh
 from jaxbp.reference.conv import conv, conv1d, conv2d, conv3d
 from jaxbp.reference.dense import dense, flatten
 from jaxbp.reference.losses import quadratic, softmax_cross_entropy
+from jaxbp.reference.merge import add, fork
 from jaxbp.reference.norm import layer_norm
 from jaxbp.reference.pooling import avg_pool, channel_max, max_pool
 from jaxbp.reference.resample import global_avg_pool, upsample
@@ -17,5 +18,5 @@ __all__ = [
     "dense", "flatten",
     "sigmoid", "tanh", "relu", "leaky_relu", "softmax",
     "quadratic", "softmax_cross_entropy",
-    "global_avg_pool", "upsample", "layer_norm",
+    "global_avg_pool", "upsample", "layer_norm", "fork", "add",
 ]
