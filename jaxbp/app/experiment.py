@@ -42,7 +42,8 @@ def build(cfg: Mapping) -> Model:
     """The config's model; a shape or hyperparameter error becomes a one-line RunError."""
     name = cfg.data.name
     try:
-        return build_model(cfg.model, cfg.loss, data.input_shape(name), data.num_classes(name))
+        return build_model(cfg.model, cfg.loss, data.input_shape(name), data.num_classes(name),
+                           cfg.data.target)
     except ConfigError:
         raise
     except ValueError as exc:  # a layer's own check that build_model did not translate

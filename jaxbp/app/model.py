@@ -66,7 +66,11 @@ class Model(NamedTuple):
       `jaxbp.nn`); x is `(batch, *anything)` holding prod(input_shape) values per example.
     loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None)
       -> (scalar loss, (outputs, new_state)): the outputs come along (`has_aux`) so a train
-      step that needs them runs the forward once; new_state is None without `state`.
+      step that needs them runs the forward once; new_state is None without `state`. The
+      loss compares the outputs with the labels, or with x itself (target "input").
+    score(outputs, x, labels) -> the batch's sum of `metric` per example: correct answers
+      ("accuracy"), or the mean squared error of each reconstruction
+      ("reconstruction_error"); summed over a split and divided by its size, the metric.
     """
     init: Callable
     init_state: Callable
@@ -76,6 +80,12 @@ class Model(NamedTuple):
     input_shape: Shape
     num_classes: int
     loss_name: str
+    target: str
+    score: Callable
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.target == "labels" else "reconstruction_error"
 
     @property
     def has_state(self) -> bool:
@@ -173,8 +183,40 @@ def _model_input_shape(wanted, data_shape: Sequence[int]) -> Shape:
     return tuple(wanted)
 
 
+def count_correct(outputs, x, labels):
+    """How many outputs' largest entry is the label's."""
+    del x
+    return jnp.sum(jnp.argmax(outputs, axis=-1).astype(labels.dtype) == labels,
+                   dtype=jnp.int32)
+
+
+def _reconstruction_errors(outputs, x, labels):
+    """Σ over the batch of each example's mean squared error against its input."""
+    del labels
+    error = outputs - jnp.reshape(x, outputs.shape).astype(outputs.dtype)
+    return jnp.sum(jnp.mean(jnp.square(error), axis=tuple(range(1, error.ndim))))
+
+
+def _check_target(target: str, loss_rule, output_shape: Shape, shape: Shape,
+                  num_classes: int, last: SummaryRow) -> None:
+    """The network's output fits what the loss compares it with."""
+    if target == "input":
+        if loss_rule.targets != "one_hot":
+            raise ConfigError(f"loss: {loss_rule.name} compares the outputs with integer "
+                              f"labels, but data.target is input; use a loss comparing arrays, "
+                              f"such as quadratic")
+        if output_shape != shape:
+            raise ConfigError(f"{last.where} ({last.type}): the network outputs shape "
+                              f"{output_shape} per example, but data.target: input needs the "
+                              f"input's shape {shape} to compare with")
+    elif output_shape != (num_classes,):
+        raise ConfigError(f"{last.where} ({last.type}): the network outputs "
+                          f"shape {output_shape} per example, but the data set has "
+                          f"{num_classes} classes; the last layer must output ({num_classes},)")
+
+
 def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[int],
-                num_classes: int) -> Model:
+                num_classes: int, target: str = "labels") -> Model:
     """Builds the network of a validated `model` section and checks every shape.
 
     Args:
@@ -182,6 +224,8 @@ def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[in
       loss_name: a registered loss ("softmax_cross_entropy", "quadratic", ...).
       input_shape: shape of one example of the data set (no batch axis).
       num_classes: the data set's number of classes; the net must output that many.
+      target: "labels" (classify), or "input" (reconstruct x: an autoencoder, whose output
+        must have the input's shape).
 
     Raises:
       ConfigError: naming the layer that cannot take its input's shape
@@ -192,11 +236,8 @@ def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[in
     shape = _model_input_shape(model_cfg.input_shape, input_shape)
     items = model_cfg.layers
     summary, output_shape = _trace(items, shape)
-    if output_shape != (num_classes,):
-        last = next(r for r in reversed(summary) if r.depth == 0)
-        raise ConfigError(f"{last.where} ({last.type}): the network outputs "
-                          f"shape {output_shape} per example, but the data set has "
-                          f"{num_classes} classes; the last layer must output ({num_classes},)")
+    _check_target(target, loss_rule, output_shape, shape, num_classes,
+                  next(r for r in reversed(summary) if r.depth == 0))
     net = _build_list(items, "", "model.layers")
 
     # One compiled program instead of an eager dispatch (and compile) per initialiser op.
@@ -214,12 +255,17 @@ def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[in
     def loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None):
         out = apply(params, x, ops, train=train, rng=rng, state=state)
         out, new_state = out if state is not None else (out, None)
-        targets = labels
-        if loss_rule.targets == "one_hot":
+        if target == "input":
+            targets = jnp.reshape(x, out.shape).astype(out.dtype)
+        elif loss_rule.targets == "one_hot":
             targets = jax.nn.one_hot(labels, num_classes, dtype=out.dtype)
+        else:
+            targets = labels
         return ops.of(loss_rule)(out, targets), (out, new_state)
 
-    return Model(init, init_state, apply, loss, summary, shape, num_classes, loss_name)
+    score = count_correct if target == "labels" else _reconstruction_errors
+    return Model(init, init_state, apply, loss, summary, shape, num_classes, loss_name, target,
+                 score)
 
 
 def format_summary(model: Model) -> str:

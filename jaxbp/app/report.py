@@ -1,7 +1,10 @@
-"""What a run leaves in its folder for people: metrics.jsonl, summary.json, curves.png.
+"""What a run leaves in its folder for people: metrics.jsonl, summary.json, curves.png, and
+for an autoencoder reconstructions.png.
 
-One metrics record per epoch has the keys of `METRIC_KEYS`; `test_loss` and
-`test_accuracy` are None for epochs without an evaluation (`train.eval_every`).
+One metrics record per epoch has the keys of `metric_keys(metric)`, the metric being
+"accuracy" for a classifier and "reconstruction_error" (mean squared error per value) for an
+autoencoder; `test_loss` and `test_<metric>` are None for epochs without an evaluation
+(`train.eval_every`).
 Files are replaced atomically, so a run killed while writing never leaves half a file.
 """
 from __future__ import annotations
@@ -14,8 +17,20 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
 CONFIG_FILE = "config.yaml"
-METRIC_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-               "epoch_time_s", "images_per_second")
+RECONSTRUCTIONS_FILE = "reconstructions.png"
+
+
+def metric_keys(metric: str = "accuracy") -> tuple:
+    return ("epoch", "train_loss", f"train_{metric}", "test_loss", f"test_{metric}",
+            "epoch_time_s", "images_per_second")
+
+
+METRIC_KEYS = metric_keys()
+
+
+def metric_of(record: dict) -> str:
+    """The metric a record holds: "accuracy" or "reconstruction_error"."""
+    return "accuracy" if "train_accuracy" in record else "reconstruction_error"
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -26,12 +41,13 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def epoch_record(epoch: int, train_loss: float, train_accuracy: float,
-                 test: Optional[tuple[float, float]], seconds: float, images: int) -> dict:
-    """One metrics.jsonl line; `test` is (loss, accuracy) or None when not evaluated."""
-    test_loss, test_accuracy = test if test is not None else (None, None)
-    return {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-            "test_loss": test_loss, "test_accuracy": test_accuracy,
+def epoch_record(epoch: int, train_loss: float, train_metric: float,
+                 test: Optional[tuple[float, float]], seconds: float, images: int,
+                 metric: str = "accuracy") -> dict:
+    """One metrics.jsonl line; `test` is (loss, metric) or None when not evaluated."""
+    test_loss, test_metric = test if test is not None else (None, None)
+    return {"epoch": epoch, "train_loss": train_loss, f"train_{metric}": train_metric,
+            "test_loss": test_loss, f"test_{metric}": test_metric,
             "epoch_time_s": seconds, "images_per_second": images / max(seconds, 1e-12)}
 
 
@@ -48,13 +64,14 @@ def read_metrics(out_dir: str) -> list[dict]:
 
 def summarize(records: Sequence[dict], steps: int, **extra) -> dict:
     """Totals over all epochs plus the last evaluation; `extra` adds fields verbatim."""
-    evaluated = [r for r in records if r["test_accuracy"] is not None]
-    last_eval = evaluated[-1] if evaluated else {"test_loss": None, "test_accuracy": None}
+    metric = metric_of(records[0]) if records else "accuracy"
+    evaluated = [r for r in records if r["test_loss"] is not None]
+    last_eval = evaluated[-1] if evaluated else {"test_loss": None, f"test_{metric}": None}
     train_time = sum(r["epoch_time_s"] for r in records)
     images = sum(r["epoch_time_s"] * r["images_per_second"] for r in records)
-    return {"test_accuracy": last_eval["test_accuracy"], "test_loss": last_eval["test_loss"],
+    return {f"test_{metric}": last_eval[f"test_{metric}"], "test_loss": last_eval["test_loss"],
             "train_loss": records[-1]["train_loss"] if records else None,
-            "train_accuracy": records[-1]["train_accuracy"] if records else None,
+            f"train_{metric}": records[-1][f"train_{metric}"] if records else None,
             "epochs": records[-1]["epoch"] if records else 0, "steps": steps,
             "train_time_s": train_time,
             "images_per_second": images / train_time if train_time > 0 else 0.0, **extra}
@@ -64,27 +81,31 @@ def write_summary(out_dir: str, summary: dict) -> None:
     write_atomic(os.path.join(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
 
 
+_SHORT = {"accuracy": "acc", "reconstruction_error": "mse"}
+_TITLE = {"accuracy": "Accuracy", "reconstruction_error": "Reconstruction error (MSE)"}
+
+
 def format_epoch(record: dict, epochs: int) -> str:
     """The one line printed per epoch, whether or not a progress bar is shown."""
+    metric = metric_of(record)
+    short = _SHORT[metric]
     line = (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.4f}")
-    if record["test_accuracy"] is not None:
-        line += f" | test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
+            f"{short} {record[f'train_{metric}']:.4f}")
+    if record["test_loss"] is not None:
+        line += (f" | test loss {record['test_loss']:.4f} "
+                 f"{short} {record[f'test_{metric}']:.4f}")
     return line + f" | {record['epoch_time_s']:.1f} s, {record['images_per_second']:.0f} img/s"
 
 
 def plot_curves(records: Sequence[dict], path: str) -> None:
     """Loss and accuracy per epoch, train and test, as a two-panel PNG."""
-    # Figure + Agg canvas directly: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure((10, 4))
     epochs = [r["epoch"] for r in records]
-    evaluated = [r for r in records if r["test_accuracy"] is not None]
-    for ax, key, title in zip(fig.subplots(1, 2), ("loss", "accuracy"), ("Loss", "Accuracy")):
+    evaluated = [r for r in records if r["test_loss"] is not None]
+    metric = metric_of(records[0])
+    for ax, key, title in zip(fig.subplots(1, 2), ("loss", metric), ("Loss", _TITLE[metric])):
         ax.plot(epochs, [r[f"train_{key}"] for r in records], "o-", label="train")
         ax.plot([r["epoch"] for r in evaluated], [r[f"test_{key}"] for r in evaluated],
                 "s-", label="test")
@@ -93,6 +114,46 @@ def plot_curves(records: Sequence[dict], path: str) -> None:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend()
+    _save(fig, path)
+
+
+def _figure(size):
+    # Figure + Agg canvas directly: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str) -> None:
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)
+
+
+def plot_reconstructions(pairs, path: str) -> None:
+    """Originals (top row) above their reconstructions (bottom row), as a PNG.
+
+    `pairs` is (inputs, outputs), each `(count, *spatial, channels)`: 2-D maps are shown as
+    grey images on one shared scale per column, 1-D signals as curves.
+    """
+    inputs, outputs = pairs
+    count = len(inputs)
+    fig = _figure((1.4 * count, 3.2))
+    axes = fig.subplots(2, count, squeeze=False)
+    for column in range(count):
+        original, rebuilt = inputs[column][..., 0], outputs[column][..., 0]
+        low = min(original.min(), rebuilt.min())
+        high = max(original.max(), rebuilt.max())
+        for row, (ax, values) in enumerate(zip(axes[:, column], (original, rebuilt))):
+            if values.ndim == 2:
+                ax.imshow(values, cmap="gray", vmin=low, vmax=high)
+            else:
+                ax.plot(values)
+                ax.set_ylim(low, high)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column == 0:
+                ax.set_ylabel(("original", "reconstructed")[row])
+    _save(fig, path)

@@ -1,7 +1,8 @@
 """The jitted steps, as in Flax's examples/mnist: train (value_and_grad with `has_aux`, so
-the forward runs once for the loss and the accuracy count, then the optax update) and eval.
+the forward runs once for the loss and the score, then the optax update) and eval.
 
-Running totals (loss sum, correct count) stay on the device; the host reads them once per
+Running totals (loss sum, score sum: correct answers, or squared reconstruction errors) stay
+on the device; the host reads them once per
 epoch. The state and the totals are donated. The step is deterministic on CPU.
 """
 from __future__ import annotations
@@ -41,16 +42,12 @@ _DROPOUT_STREAM = 1  # the initial parameters use PRNGKey(seed) itself
 
 class Totals(NamedTuple):
     """Running sums over the batches seen so far, kept on the device."""
-    loss: jax.Array      # sum over batches of the batch-mean loss (train) or of the loss sum (eval)
-    correct: jax.Array   # number of correctly classified images
-
-
-def count_correct(outputs, labels):
-    return jnp.sum(jnp.argmax(outputs, axis=-1).astype(labels.dtype) == labels, dtype=jnp.int32)
+    loss: jax.Array    # sum over batches of the batch-mean loss (train) or of the loss sum (eval)
+    score: jax.Array   # sum over examples of the model's score (`Model.score`)
 
 
 def zero_totals(dtype) -> Totals:
-    return Totals(jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
+    return Totals(jnp.zeros((), dtype), jnp.zeros((), dtype))
 
 
 def training_loss(model, ops=HAND, seed: int = 0, dtype=jnp.float32) -> Callable:
@@ -77,9 +74,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, dtype,
             rng=step_key(seed, state.step), state=state.model_state)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        correct = count_correct(outputs, labels)
+        score = model.score(outputs, images, labels).astype(totals.score.dtype)
         return (TrainState(params, opt_state, model_state, state.step + 1),
-                Totals(totals.loss + loss, totals.correct + correct))
+                Totals(totals.loss + loss, totals.score + score))
 
     return train_step
 
@@ -92,8 +89,8 @@ def make_eval_step(model, dtype) -> Callable:
     def eval_step(params, model_state, totals: Totals, images, labels):
         images = images.astype(dtype)
         loss, (outputs, _) = model.loss(params, images, labels, ops=HAND, state=model_state)
-        correct = count_correct(outputs, labels)
-        return Totals(totals.loss + loss * images.shape[0], totals.correct + correct)
+        score = model.score(outputs, images, labels).astype(totals.score.dtype)
+        return Totals(totals.loss + loss * images.shape[0], totals.score + score)
 
     return eval_step
 

@@ -39,15 +39,27 @@ class NonFiniteLoss(Exception):
 
 def evaluate(eval_step: Callable, params, model_state, split, batch_size: int, dtype
              ) -> tuple[float, float]:
-    """(mean loss, accuracy) over the whole split, in order, the last batch possibly smaller."""
+    """(mean loss, metric) over the whole split, in order, the last batch possibly smaller."""
     totals = zero_totals(dtype)
     for images, labels in data.epoch_batches(split, batch_size, 0, 0, shuffle=False,
                                              drop_remainder=False):
         totals = eval_step(params, model_state, totals, jax.device_put(images),
                            jax.device_put(labels))
-    loss, correct = jax.device_get(totals)
+    loss, score = jax.device_get(totals)
     n = len(split.labels)
-    return float(loss) / n, float(correct) / n
+    return float(loss) / n, float(score) / n
+
+
+RECONSTRUCTED = 8  # test examples shown beside their reconstructions
+
+
+def reconstruct(exp: Experiment, state: TrainState, count: int):
+    """(inputs, outputs) of the first `count` test examples, in evaluation mode, each of the
+    model's input shape, as NumPy arrays."""
+    images = jax.numpy.asarray(exp.test.images[:count], exp.dtype)
+    outputs, _ = exp.model.apply(state.params, images, state=state.model_state)
+    shape = (len(images), *exp.model.input_shape)
+    return np.reshape(np.asarray(images), shape), np.reshape(np.asarray(outputs), shape)
 
 
 def compile_train_step(step: Callable, state: TrainState, exp: Experiment) -> Callable:
@@ -66,7 +78,7 @@ def _refresh_every(steps: int) -> int:
 def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
                 steps: int, augment: data.Augment = data.Augment()
                 ) -> tuple[TrainState, float, float, float]:
-    """One pass over the shuffled (and augmented) train split: (state, mean loss, accuracy,
+    """One pass over the shuffled (and augmented) train split: (state, mean loss, metric,
     seconds).
 
     The progress bar (stderr, only on a terminal) is the only reason to read the
@@ -85,16 +97,17 @@ def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
         for i, (images, labels) in enumerate(batches, 1):
             state, totals = step(state, totals, jax.device_put(images), jax.device_put(labels))
             if not bar.disable and (i % refresh == 0 or i == steps):
-                loss, correct = jax.device_get(totals)
+                loss, score = jax.device_get(totals)
                 bar.update((i - done) * batch_size)
-                bar.set_postfix(loss=f"{loss / i:.4f}", acc=f"{correct / (i * batch_size):.4f}")
+                bar.set_postfix(loss=f"{loss / i:.4f}",
+                                **{exp.model.metric: f"{score / (i * batch_size):.4f}"})
                 done = i
                 if not np.isfinite(loss):
                     break
-    loss, correct = jax.device_get(totals)
+    loss, score = jax.device_get(totals)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - start
-    return state, float(loss) / steps, float(correct) / (steps * batch_size), seconds
+    return state, float(loss) / steps, float(score) / (steps * batch_size), seconds
 
 
 def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, steps: int,
@@ -109,26 +122,27 @@ def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, step
     augment = data.Augment.of(exp.cfg.data.augment, exp.train)
     with checkpoint.CheckpointWriter(out_dir) as writer:
         for epoch in range(len(records) + 1, tcfg.epochs + 1):
-            state, loss, accuracy, seconds = train_epoch(train_step, state, exp, epoch, steps,
-                                                         augment)
+            state, loss, train_metric, seconds = train_epoch(train_step, state, exp, epoch,
+                                                             steps, augment)
             if not (np.isfinite(loss) and all_finite((state.params, state.model_state))):
                 raise NonFiniteLoss(rundir.divergence_message(loss, epoch, out_dir))
             test = None
             if rundir.evaluates(tcfg, epoch):
                 test = evaluate(eval_step, state.params, state.model_state, exp.test,
                                 batch_size, exp.dtype)
-            records.append(report.epoch_record(epoch, loss, accuracy, test, seconds,
-                                               steps * batch_size))
+            records.append(report.epoch_record(epoch, loss, train_metric, test, seconds,
+                                               steps * batch_size, exp.model.metric))
             echo(report.format_epoch(records[-1], tcfg.epochs))
             if rundir.checkpoints(tcfg, epoch):
                 writer.save(epoch, state.params, state.opt_state,
                             {"epoch": epoch, "step": epoch * steps, "metrics": records,
                              "config": exp.cfg.to_dict()}, state.model_state)
             report.write_metrics(out_dir, records)
-    if records[-1]["test_accuracy"] is None:  # resumed at or past the end, never evaluated
-        test_loss, test_accuracy = evaluate(eval_step, state.params, state.model_state,
-                                            exp.test, batch_size, exp.dtype)
-        records[-1] = dict(records[-1], test_loss=test_loss, test_accuracy=test_accuracy)
+    if records[-1]["test_loss"] is None:  # resumed at or past the end, never evaluated
+        test_loss, test_metric = evaluate(eval_step, state.params, state.model_state,
+                                          exp.test, batch_size, exp.dtype)
+        records[-1] = dict(records[-1], test_loss=test_loss,
+                           **{f"test_{exp.model.metric}": test_metric})
     return state, records, compile_time
 
 
@@ -163,7 +177,12 @@ def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = pri
                                compile_time_s=compile_time)
     report.write_summary(out_dir, summary)
     report.plot_curves(records, os.path.join(out_dir, report.CURVES_FILE))
-    echo(f"test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f}; "
+    metric = exp.model.metric
+    if exp.model.target == "input":
+        report.plot_reconstructions(reconstruct(exp, state, RECONSTRUCTED),
+                                    os.path.join(out_dir, report.RECONSTRUCTIONS_FILE))
+    echo(f"test {metric.replace('_', ' ')} {summary[f'test_{metric}']:.4f}, "
+         f"test loss {summary['test_loss']:.4f}; "
          f"wrote {out_dir}")
     return summary
 
@@ -183,6 +202,6 @@ def evaluate_checkpoint(cfg: Mapping, run_dir: str) -> dict:
         raise RunError(f"the checkpoint of epoch {latest} does not fit this config's model: "
                        f"{str(exc).splitlines()[0]}") from None
     eval_step = make_eval_step(exp.model, exp.dtype)
-    loss, accuracy = evaluate(eval_step, restored.params, restored.model_state, exp.test,
-                              cfg.data.batch_size, exp.dtype)
-    return {"epoch": latest, "test_loss": loss, "test_accuracy": accuracy}
+    loss, value = evaluate(eval_step, restored.params, restored.model_state, exp.test,
+                           cfg.data.batch_size, exp.dtype)
+    return {"epoch": latest, "test_loss": loss, f"test_{exp.model.metric}": value}
