@@ -14,7 +14,8 @@ from jaxbp import layers, losses, reference, torch_twins
 from jaxbp._spatial import fail, spatial_tuple
 from jaxbp.initializers import BIAS_INIT, KERNEL_INIT, initializer
 from jaxbp.registry import register_layer, register_loss
-from jaxbp.schema import BOOLEAN, PADDING, POSITIVE, POSITIVE_INT, SIZES, number, optional
+from jaxbp.schema import (BOOLEAN, FRACTION, PADDING, POSITIVE, POSITIVE_INT, SIZES, number,
+                          optional)
 
 
 def _conv_kernel(rng, input_shape, dtype, *, features, kernel, groups=1,
@@ -47,13 +48,14 @@ def _bias(rng, input_shape, dtype, *, features, use_bias=True, bias_init="zeros"
 
 
 def _ones(rng, input_shape, dtype):
-    """`(channels,)` ones: a normalisation's scale starts as the identity."""
+    """`(channels,)` ones: a normalisation's scale starts as the identity (and a running
+    variance as 1)."""
     del rng
     return jnp.ones((input_shape[-1],), dtype)
 
 
 def _zeros(rng, input_shape, dtype):
-    """`(channels,)` zeros: a normalisation's offset."""
+    """`(channels,)` zeros: a normalisation's offset (and a running mean)."""
     del rng
     return jnp.zeros((input_shape[-1],), dtype)
 
@@ -99,6 +101,25 @@ register_layer("upsample", hand=layers.upsample, reference=reference.upsample,
 register_layer("layer_norm", hand=layers.layer_norm, reference=reference.layer_norm,
                params={"scale": _ones, "offset": _zeros}, checks={"eps": POSITIVE},
                torch=torch_twins.layer_norm)
+# Training normalises with the batch's statistics and renews the running ones (the state, a
+# mean of zeros and a variance of ones at first); evaluation normalises with those.
+register_layer("batch_norm", hand=layers.batch_norm, reference=reference.batch_norm,
+               params={"scale": _ones, "offset": _zeros},
+               state={"mean": _zeros, "var": _ones}, update=reference.batch_norm_update,
+               inference=reference.batch_norm_inference,
+               checks={"eps": POSITIVE, "momentum": number(lambda v: 0 <= v <= 1,
+                                                            "a number in [0, 1]")},
+               torch=torch_twins.batch_norm)
+
+
+def _keep_everything(x):
+    """Dropout in evaluation: the inverted scaling already kept the expected value."""
+    return x
+
+
+register_layer("dropout", hand=layers.dropout, reference=reference.dropout,
+               inference=_keep_everything, checks={"rate": FRACTION},
+               torch=torch_twins.dropout)
 
 register_loss("softmax_cross_entropy", hand=losses.softmax_cross_entropy,
               reference=reference.softmax_cross_entropy, targets="labels",

@@ -209,8 +209,8 @@ def _rule_name(fn) -> str:
                                                     type(fn).__name__)
 
 
-def _labels(fn, count: int) -> Tuple[str, ...]:
-    """"argument i (name)" from `fn`'s signature, "argument i" where it names none."""
+def _positional_names(fn) -> Tuple[str, ...]:
+    """The names of `fn`'s positional parameters, in order, up to the first that is not."""
     try:
         parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -220,8 +220,33 @@ def _labels(fn, count: int) -> Tuple[str, ...]:
         if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
             break
         names.append(parameter.name)
-    return tuple(f"argument {i} ({names[i]})" if i < len(names) else f"argument {i}"
-                 for i in range(count))
+    return tuple(names)
+
+
+def _bind(fn, count: int, hyperparameters: dict) -> Tuple[Callable, Tuple[str, ...]]:
+    """`fn` with the hyperparameters fixed, as a function of `count` positional arguments, and
+    the labels of those: "argument i (name)", "argument i" where `fn` names none.
+
+    A hyperparameter may name a positional parameter (dropout's `rate` in `dropout(x, rate,
+    key)`): the arguments then fill the positional parameters it leaves free, in order, and
+    the hyperparameter is passed in its own place, so `check_rule(dropout, ref, x, key,
+    rate=0.3)` calls `dropout(x, 0.3, key)`, not `dropout(x, key, rate=0.3)`.
+    """
+    names = _positional_names(fn)
+    free = [name for name in names if name not in hyperparameters]
+    labels = tuple(f"argument {i} ({free[i]})" if i < len(free) else f"argument {i}"
+                   for i in range(count))
+    # The positional parameters the arguments reach (none known if fn does not name them all).
+    reached = names[:names.index(free[count - 1]) + 1] if 0 < count <= len(free) else ()
+    if not any(name in hyperparameters for name in reached):
+        return functools.partial(fn, **hyperparameters), labels
+    keywords = {k: v for k, v in hyperparameters.items() if k not in reached}
+
+    def bound(*args):
+        values = iter(args)
+        return fn(*(hyperparameters[name] if name in hyperparameters else next(values)
+                    for name in reached), **keywords)
+    return bound, labels
 
 
 def _draw(rng: np.random.Generator, shape: Sequence[int], dtype) -> np.ndarray:
@@ -236,6 +261,8 @@ def _draw(rng: np.random.Generator, shape: Sequence[int], dtype) -> np.ndarray:
 
 
 def _is_floating(value) -> bool:
+    """Floating arrays are drawn, differentiated and mapped; None and every other array
+    (integer labels, PRNG keys, raw or typed) pass through as given."""
     return value is not None and jnp.issubdtype(value.dtype, jnp.floating)
 
 
@@ -408,14 +435,17 @@ def check_rule(hand: Callable, reference: Callable, *args, options: CheckOptions
     """Checks a hand-derived custom_vjp rule against JAX's gradient of its plain twin.
 
     Both are called as `fn(*args, **hyperparameters)` and must return one array; the
-    hyperparameters are static (closed over, never traced). Each positional argument is
-    an array (floating ones cast to `options.dtype`, integer ones such as labels used as
-    given and never differentiated), None (passed through, e.g. an absent bias), or a shape
-    to draw, a `jax.ShapeDtypeStruct` or a tuple of ints. Drawn values, cotangents and
-    directions are normal times per-element scales over two orders of magnitude, both signs
-    (NumPy's `default_rng(options.seed)`). Continuous draws sit on a tie or a kink (relu's 0,
-    max pooling's equal values) within the finite-difference step with probability ~1e-5 per
-    element; if a case still trips there, change the seed.
+    hyperparameters are static (closed over, never traced). A hyperparameter that names a
+    positional parameter is passed in its place, the arguments filling the others in order
+    (`check_rule(dropout, ref, x, key, rate=0.3)` calls `dropout(x, 0.3, key)`). Each
+    positional argument is an array, None (passed through, e.g. an absent bias), or a shape
+    to draw, a `jax.ShapeDtypeStruct` or a tuple of ints. Floating arrays are cast to
+    `options.dtype`; every other array (integer labels, a PRNG key, raw or typed) is passed
+    through as given: never drawn, differentiated or mapped under vmap. Drawn values,
+    cotangents and directions are normal times per-element scales over two orders of
+    magnitude, both signs (NumPy's `default_rng(options.seed)`). Continuous draws sit on a
+    tie or a kink (relu's 0, max pooling's equal values) within the finite-difference step
+    with probability ~1e-5 per element; if a case still trips there, change the seed.
 
     The checks, in order; the first failure raises:
       1. `hand` carries a custom_vjp in its traced program (a plain function would only be
@@ -439,9 +469,10 @@ def check_rule(hand: Callable, reference: Callable, *args, options: CheckOptions
          its residuals) passes 1-4 and fails here.
       6. under `jax.jit` applied to `hand` itself (its VJP then goes through jit's own
          differentiation rules, as in `jax.grad(jax.jit(layer))`), and under `jax.vmap` over
-         a new leading axis stacking the arguments with a second draw (given floating arrays
-         nudged by up to 10%, integer arrays with themselves), the forward and VJP match the
-         reference's.
+         a new leading axis stacking the floating arguments with a second draw (given floating
+         arrays nudged by up to 10%; the others unmapped, in_axes None), the forward and VJP
+         match the reference's. Each member is a whole call: a layer with batch statistics
+         (batch norm) computes them per member, which the reference on each member checks.
       7. residuals: `residual_bytes` of hand and of reference, reported only.
     Each compared function is compiled once: checks 2-4 trace `hand` inside one jit, reused
     for every cotangent and finite difference (running the rule op by op would compile each
@@ -474,14 +505,14 @@ def check_rule(hand: Callable, reference: Callable, *args, options: CheckOptions
 def _check(hand, reference, specs, options: CheckOptions, hyperparameters) -> RuleReport:
     """`check_rule` with x64 on."""
     rng = np.random.default_rng(options.seed)
-    labels = _labels(hand, len(specs))
+    name = _rule_name(hand)
+    hand, labels = _bind(hand, len(specs), hyperparameters)
+    reference = _bind(reference, len(specs), hyperparameters)[0]
     prepared = [_prepare(s, label, options.dtype, rng) for s, label in zip(specs, labels)]
     args = tuple(value for value, _ in prepared)
     argnums = _resolve_argnums(options.argnums, args, labels)
-    rule = _Rule(_rule_name(hand), labels, options.tolerance if options.tolerance is not None
+    rule = _Rule(name, labels, options.tolerance if options.tolerance is not None
                  else tolerance(options.dtype))
-    hand = functools.partial(hand, **hyperparameters)
-    reference = functools.partial(reference, **hyperparameters)
 
     if not _has_custom_vjp(jax.make_jaxpr(hand)(*args).jaxpr):
         raise RuleMismatch(f"{rule.name}: no custom_vjp in the traced program of hand, so its "
@@ -524,10 +555,12 @@ def _check(hand, reference, specs, options: CheckOptions, hyperparameters) -> Ru
                                           "cotangent 1"))
         other = _second_member(rng, args, [drawn for _, drawn in prepared], options.dtype)
         other_cotangent = _draw(rng, out.shape, out.dtype)
-        stacked, stacked_cotangents = jax.tree_util.tree_map(
-            lambda a, b: np.stack([a, b]), (args, cotangents[0]), (other, other_cotangent))
-        batched = _under(rule, "vmap", lambda: jax.jit(jax.vmap(_evaluation(hand, argnums)))(
-            stacked, stacked_cotangents))
+        mapped = tuple(0 if _is_floating(a) else None for a in args)
+        stacked = tuple(np.stack([a, b]) if axis == 0 else a
+                        for a, b, axis in zip(args, other, mapped))
+        stacked_cotangents = np.stack([cotangents[0], other_cotangent])
+        batched = _under(rule, "vmap", lambda: jax.jit(jax.vmap(
+            _evaluation(hand, argnums), in_axes=(mapped, 0)))(stacked, stacked_cotangents))
         vmap_error = max(
             max(_check_evaluation(rule, f"under vmap (member {m + 1} of 2), ", argnums,
                                   jax.tree_util.tree_map(lambda a: np.asarray(a)[m], batched),

@@ -81,3 +81,16 @@ def layer_norm(torch, input_shape, *, eps):
     if len(input_shape) != 1:  # ours normalises the channels, the last axis of NHWC
         raise Unsupported("layer_norm over the channels of a channels-first map")
     return torch.nn.LayerNorm(input_shape[0], eps=eps)
+
+
+def batch_norm(torch, input_shape, *, eps, momentum):
+    # PyTorch's momentum weighs the new batch, ours (Flax's) the old running value.
+    rank = max(_rank(input_shape), 1)  # a flat (C,) example is BatchNorm1d's (N, C)
+    if rank > 3:
+        raise Unsupported(f"batch_norm over {rank} spatial axes")
+    return getattr(torch.nn, f"BatchNorm{rank}d")(input_shape[-1], eps=eps,
+                                                  momentum=1 - momentum)
+
+
+def dropout(torch, input_shape, *, rate):
+    return torch.nn.Dropout(rate)

@@ -43,6 +43,8 @@ BUILT_IN = {
     "leaky_relu": (layers.leaky_relu, reference.leaky_relu, [(4, 6)],
                    dict(negative_slope=0.1)),
     "softmax": (layers.softmax, reference.softmax, [(3, 5)], {}),
+    "layer_norm": (layers.layer_norm, reference.layer_norm, [(3, 4), (4,), (4,)], {}),
+    "batch_norm": (layers.batch_norm, reference.batch_norm, [(3, 2, 4), (4,), (4,)], {}),
     "quadratic": (losses.quadratic, reference.quadratic, [(4, 3), (4, 3)], {}),
     "softmax_cross_entropy": (losses.softmax_cross_entropy, reference.softmax_cross_entropy,
                               [(4, 5), LABELS], {}),
@@ -230,6 +232,30 @@ def test_catches_a_rule_that_fails_under_vmap():
                                            r"NotImplementedError"):
         check_rule(_tanh_rule(callback), reference.tanh, (3, 4),
                    options=CheckOptions(second_order=False))
+
+
+# ------------------------------------------------------------------ keys, positional hyperparameters
+
+@pytest.mark.parametrize("key", [jax.random.PRNGKey(0), jax.random.key(0)], ids=["raw", "typed"])
+def test_a_key_passes_through_and_a_hyperparameter_keeps_its_place(key):
+    # dropout(x, rate, key) with the key positional and rate a keyword: rate goes in its own
+    # place; the key (uint32 or typed) is passed as given, never drawn, differentiated or
+    # mapped under vmap (a typed key cannot even be stacked).
+    report = check_rule(layers.dropout, reference.dropout, (8, 5), key, rate=0.3)
+    assert report.arguments == ("0 (x)",) and report.vmap_error == 0.0
+    assert check_rule(layers.dropout, reference.dropout, (8, 5), rate=0.3, key=key) == report
+    with pytest.raises(ValueError, match=r"argnums \(1,\): argument 1 \(key\) is "):
+        check_rule(layers.dropout, reference.dropout, (8, 5), key, rate=0.3,
+                   options=CheckOptions(argnums=(1,)))
+
+
+def test_a_rule_that_draws_with_the_wrong_key_is_caught():
+    # The twin draws its mask from the key it is given; a rule ignoring it cannot agree.
+    def fixed_mask(x, rate, key):
+        return layers.dropout(x, rate, jax.random.key(1))
+
+    with pytest.raises(RuleMismatch, match=r"^fixed_mask: forward differs"):
+        check_rule(fixed_mask, reference.dropout, (8, 5), jax.random.key(0), rate=0.5)
 
 
 # ------------------------------------------------------------------ the report

@@ -6,8 +6,9 @@ Layout as in Flax: activations `(batch, *spatial, channels)`, conv kernels
 from jaxbp.layers.activations import leaky_relu, relu, sigmoid, softmax, tanh
 from jaxbp.layers.conv import conv, conv1d, conv2d, conv3d
 from jaxbp.layers.dense import dense, flatten
+from jaxbp.layers.dropout import dropout
 from jaxbp.layers.merge import add, fork
-from jaxbp.layers.norm import layer_norm
+from jaxbp.layers.norm import batch_norm, layer_norm
 from jaxbp.layers.pooling import avg_pool, channel_max, max_pool
 from jaxbp.layers.resample import global_avg_pool, upsample
 
@@ -16,5 +17,5 @@ __all__ = [
     "max_pool", "avg_pool", "channel_max",
     "dense", "flatten",
     "sigmoid", "tanh", "relu", "leaky_relu", "softmax",
-    "global_avg_pool", "upsample", "layer_norm", "fork", "add",
+    "global_avg_pool", "upsample", "layer_norm", "batch_norm", "dropout", "fork", "add",
 ]
