@@ -76,9 +76,12 @@ class Layer:
 
 
 def _output_shape(apply: Callable, params, input_shape: Shape, dtype) -> Shape:
-    """One example's output shape by abstract evaluation: the layer's checks run, no FLOPs."""
+    """One example's output shape by abstract evaluation (training mode, which needs no
+    state): the layer's checks run, no FLOPs."""
     example = jax.ShapeDtypeStruct((1, *input_shape), dtype)
-    return tuple(jax.eval_shape(lambda p, x: apply(p, x, HAND), params, example).shape[1:])
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return tuple(jax.eval_shape(lambda p, x, k: apply(p, x, HAND, train=True, rng=k),
+                                params, example, key).shape[1:])
 
 
 def _next_shape(layer: Layer, input_shape: Shape, dtype) -> Shape:
