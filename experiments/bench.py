@@ -114,8 +114,11 @@ def step_flops(model) -> int:
     MACs), each layer's forward MACs from its registration (`flops`; layers without one
     count nothing); the first counted layer computes no input delta."""
     from jaxbp import registry
+    from jaxbp.app.model import RESIDUAL
     total, first = 0, True
     for row in model.summary:
+        if row.type == RESIDUAL:  # its layers have rows of their own
+            continue
         count = registry.get(row.type).flops
         macs = count(row.input_shape, row.output_shape, row.param_shapes) if count else 0
         if macs:
@@ -224,17 +227,27 @@ class MatmulCandidate:
 
 def torch_net(torch, model, layers, loss_name: str, num_classes: int):
     """The config's network in PyTorch (NCHW), each layer from its registered twin
-    (`jaxbp.torch_twins`), and its loss(out, labels)."""
-    from jaxbp import registry
-    from jaxbp.torch_twins import Unsupported
-    modules = []
-    for row, item in zip(model.summary, layers):
-        module = registry.get(row.type).torch_module(torch, row.input_shape,
-                                                     item.hyperparameters)
-        if module is None:
-            raise Unsupported(f"layer type {row.type}")
-        modules.append(module)
-    net = torch.nn.Sequential(*modules)
+    (`jaxbp.torch_twins`), a residual block as `torch_twins.residual`, and its
+    loss(out, labels)."""
+    from jaxbp import registry, torch_twins
+    from jaxbp.app.model import RESIDUAL
+    rows = {row.path: row for row in model.summary}
+
+    def sequence(items, prefix: str):
+        return torch.nn.Sequential(*(module(item, f"{prefix}{i}")
+                                     for i, item in enumerate(items)))
+
+    def module(item, path: str):
+        if item.type == RESIDUAL:
+            return torch_twins.residual(torch, sequence(item.layers, f"{path}.layers."),
+                                        sequence(item.shortcut, f"{path}.shortcut."))
+        made = registry.get(item.type).torch_module(torch, rows[path].input_shape,
+                                                    item.hyperparameters)
+        if made is None:
+            raise torch_twins.Unsupported(f"layer type {item.type}")
+        return made
+
+    net = sequence(layers, "")
     if registry.get(loss_name, "loss").targets == "one_hot":
         def loss(out, labels):
             target = torch.nn.functional.one_hot(labels, num_classes).to(out.dtype)
@@ -432,34 +445,45 @@ class LibraryCandidate:
         import jax.numpy as jnp
         import numpy as np
         from jaxbp import nn, registry
-        net = nn.serial(*(nn.layer(item["type"], **{k: v for k, v in item.items()
-                                                     if k != "type"})
-                          for item in spec["layers"]))
+
+        def network(items):
+            def one(item):
+                if item["type"] == "residual":
+                    return nn.residual(network(item["layers"]), network(item["shortcut"]))
+                return nn.layer(item["type"], **{k: v for k, v in item.items() if k != "type"})
+            return nn.serial(*map(one, items))
+
+        net = network(spec["layers"])
         loss_rule, classes, lr = (registry.get(spec["loss"], "loss"), spec["classes"],
                                   spec["learning_rate"])
 
-        def loss(params, x, y):
-            out = net.apply(params, x)
+        def loss(params, state, x, y, key):
+            out, state = net.apply(params, x, train=True, rng=key, state=state)
             if loss_rule.targets == "one_hot":
                 y = jax.nn.one_hot(y, classes, dtype=out.dtype)
-            return loss_rule.hand(out, y)
+            return loss_rule.hand(out, y), state
 
         @jax.jit
-        def step(params, x, y):
-            value, grads = jax.value_and_grad(loss)(params, x, y)
-            return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), value
+        def step(params, state, x, y, key):
+            (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params, state, x, y,
+                                                                            key)
+            params = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+            return params, state, value
 
         rng = np.random.default_rng(0)
         batch, shape = spec["batch"], tuple(spec["input_shape"])
         self.x = jax.device_put(rng.standard_normal((batch, *shape), np.float32))
         self.y = jax.device_put(rng.integers(0, classes, batch).astype(np.int32))
         self.params = net.init(jax.random.PRNGKey(0), shape, jnp.float32)[1]
+        self.state = net.init_state(shape, jnp.float32)
+        self.key = jax.random.PRNGKey(1)
         self.step = step
 
     def run(self) -> float:
         import jax
         start = time.perf_counter()
-        self.params, value = self.step(self.params, self.x, self.y)
+        self.params, self.state, value = self.step(self.params, self.state, self.x, self.y,
+                                                   self.key)
         jax.block_until_ready((self.params, value))
         return time.perf_counter() - start
 

@@ -94,3 +94,16 @@ def batch_norm(torch, input_shape, *, eps, momentum):
 
 def dropout(torch, input_shape, *, rate):
     return torch.nn.Dropout(rate)
+
+
+def residual(torch, main, shortcut):
+    """`main(x) + shortcut(x)` of two twins (an empty Sequential is the identity)."""
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main, self.shortcut = main, shortcut
+
+        def forward(self, x):
+            return self.main(x) + self.shortcut(x)
+
+    return Residual()
