@@ -4,7 +4,8 @@ JAX differentiates these itself, so `jax.grad` through them is the oracle every
 hand-derived rule is checked against.
 """
 from jaxbp.reference.activations import leaky_relu, relu, sigmoid, softmax, tanh
-from jaxbp.reference.conv import conv, conv1d, conv2d, conv3d
+from jaxbp.reference.conv import (conv, conv1d, conv2d, conv3d, conv_transpose,
+                                  conv_transpose1d, conv_transpose2d, conv_transpose3d)
 from jaxbp.reference.dense import dense, flatten
 from jaxbp.reference.losses import quadratic, softmax_cross_entropy
 from jaxbp.reference.norm import layer_norm
@@ -13,6 +14,7 @@ from jaxbp.reference.resample import global_avg_pool, upsample
 
 __all__ = [
     "conv", "conv1d", "conv2d", "conv3d",
+    "conv_transpose", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
     "max_pool", "avg_pool", "channel_max",
     "dense", "flatten",
     "sigmoid", "tanh", "relu", "leaky_relu", "softmax",
