@@ -15,21 +15,42 @@ from jaxbp._spatial import fail, spatial_tuple
 from jaxbp.initializers import BIAS_INIT, KERNEL_INIT, initializer
 from jaxbp.registry import register_layer, register_loss
 from jaxbp.schema import (BOOLEAN, FRACTION, PADDING, POSITIVE, POSITIVE_INT, SIZES, number,
-                          optional)
+                          optional, spatial_ints)
+
+
+def _kernel_sizes(layer: str, input_shape, kernel, groups, channels: dict):
+    """The kernel's spatial sizes, once the examples have a channel axis and `groups` divides
+    each of `channels` (name -> count)."""
+    if len(input_shape) < 2:
+        raise fail(layer, f"expected examples of shape (*spatial, channels), got shape "
+                          f"{input_shape}; set model.input_shape to add a channel axis")
+    sizes = spatial_tuple(layer, "kernel", kernel, len(input_shape) - 1)
+    # Checked before drawing: channels // groups of 0 breaks the fan-in initialisers.
+    if not (isinstance(groups, int) and groups >= 1
+            and all(count % groups == 0 for count in channels.values())):
+        described = " and ".join(f"the {name} ({count})" for name, count in channels.items())
+        raise fail(layer, f"groups must be an int >= 1 dividing {described}, got {groups!r}")
+    return sizes
 
 
 def _conv_kernel(rng, input_shape, dtype, *, features, kernel, groups=1,
                  kernel_init="lecun_normal"):
     """`(*kernel, channels // groups, features)`, drawn by `kernel_init`."""
-    if len(input_shape) < 2:
-        raise fail("conv", f"expected examples of shape (*spatial, channels), got shape "
-                           f"{input_shape}; set model.input_shape to add a channel axis")
-    sizes = spatial_tuple("conv", "kernel", kernel, len(input_shape) - 1)
-    # Checked before drawing: channels // groups of 0 breaks the fan-in initialisers.
-    if not (isinstance(groups, int) and groups >= 1 and input_shape[-1] % groups == 0):
-        raise fail("conv", f"groups must be an int >= 1 dividing the input channels "
-                           f"({input_shape[-1]}), got {groups!r}")
+    sizes = _kernel_sizes("conv", input_shape, kernel, groups,
+                          {"input channels": input_shape[-1]})
     shape = (*sizes, input_shape[-1] // groups, features)
+    return initializer(kernel_init)(rng, shape, dtype)
+
+
+def _conv_transpose_kernel(rng, input_shape, dtype, *, features, kernel, groups=1,
+                           kernel_init="lecun_normal"):
+    """`(*kernel, features // groups, channels)`, the kernel of the conv it transposes (from
+    `features` channels to the input's), drawn by `kernel_init`. Its fan-in is read off that
+    layout, `features // groups` times the taps, as PyTorch's and Keras's transposed
+    convolutions read theirs."""
+    sizes = _kernel_sizes("conv_transpose", input_shape, kernel, groups,
+                          {"input channels": input_shape[-1], "features": features})
+    shape = (*sizes, features // groups, input_shape[-1])
     return initializer(kernel_init)(rng, shape, dtype)
 
 
@@ -67,15 +88,25 @@ def weighted_macs(input_shape, output_shape, param_shapes) -> int:
     return math.prod(output_shape) * math.prod(param_shapes["w"][:-1])
 
 
+def transposed_macs(input_shape, output_shape, param_shapes) -> int:
+    """Multiply-adds of a conv_transpose forward: those of the conv it is the adjoint of, whose
+    input is this layer's output; every input meets every entry of its kernel slice."""
+    return weighted_macs(output_shape, input_shape, param_shapes)
+
+
 _WEIGHTS = {"features": POSITIVE_INT, "use_bias": BOOLEAN, "kernel_init": KERNEL_INIT,
             "bias_init": BIAS_INIT}
+_CONV = {"kernel": SIZES, "stride": SIZES, "padding": PADDING, "dilation": SIZES,
+         "groups": POSITIVE_INT}
 _POOL = {"window": SIZES, "stride": optional(SIZES), "padding": PADDING}
 
 register_layer("conv", hand=layers.conv, reference=reference.conv,
                params={"w": _conv_kernel, "b": _bias},
-               checks={**_WEIGHTS, "kernel": SIZES, "stride": SIZES, "padding": PADDING,
-                       "dilation": SIZES, "groups": POSITIVE_INT},
-               flops=weighted_macs, torch=torch_twins.conv)
+               checks={**_WEIGHTS, **_CONV}, flops=weighted_macs, torch=torch_twins.conv)
+register_layer("conv_transpose", hand=layers.conv_transpose, reference=reference.conv_transpose,
+               params={"w": _conv_transpose_kernel, "b": _bias},
+               checks={**_WEIGHTS, **_CONV, "output_padding": spatial_ints(0)},
+               flops=transposed_macs, torch=torch_twins.conv_transpose)
 register_layer("dense", hand=layers.dense, reference=reference.dense,
                params={"w": _dense_kernel, "b": _bias}, checks=_WEIGHTS,
                flops=weighted_macs, torch=torch_twins.dense)

@@ -120,15 +120,21 @@ def optional(check: Check) -> Check:
                  f"null or {check.what}")
 
 
-def _sizes_fn(path, value):
-    if _is_int(value) and value >= 1:
-        return value
-    if isinstance(value, (list, tuple)) and value and all(_is_int(v) and v >= 1 for v in value):
-        return list(value)
-    raise _expected(path, "an integer >= 1 or a list of them (one per spatial axis)", value)
+def spatial_ints(minimum: int) -> Check:
+    """An integer >= `minimum` or a non-empty list of them (one per spatial axis)."""
+    what = f"an integer >= {minimum} or a list of them (one per spatial axis)"
+
+    def fn(path, value):
+        if _is_int(value) and value >= minimum:
+            return value
+        if (isinstance(value, (list, tuple)) and value
+                and all(_is_int(v) and v >= minimum for v in value)):
+            return list(value)
+        raise _expected(path, what, value)
+    return Check(fn, what)
 
 
-SIZES = Check(_sizes_fn, "an integer >= 1 or a list of them (one per spatial axis)")
+SIZES = spatial_ints(1)
 
 
 def _padding_fn(path, value):

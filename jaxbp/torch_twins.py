@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import math
 
+import jax
+
+from jaxbp._spatial import spatial_tuple
+from jaxbp.reference.conv import transpose_geometry
+
 
 class Unsupported(Exception):
     """The layer, with these hyperparameters, has no PyTorch equivalent."""
@@ -35,6 +40,24 @@ def conv(torch, input_shape, *, features, kernel, stride, padding, dilation, gro
     module = getattr(torch.nn, f"Conv{_rank(input_shape)}d")
     return module(input_shape[-1], features, kernel, stride,
                   _padding(padding, stride, _rank(input_shape)), dilation, groups, bias=use_bias)
+
+
+def conv_transpose(torch, input_shape, *, features, kernel, stride, padding, dilation, groups,
+                   output_padding, use_bias):
+    """`ConvTranspose{1,2,3}d` with our resolved padding and output_padding ("SAME" implies
+    one); PyTorch pads both ends of an axis alike, so uneven pairs are `Unsupported`."""
+    rank = _rank(input_shape)
+    kernel = spatial_tuple("conv_transpose", "kernel", kernel, rank)
+    y = jax.ShapeDtypeStruct((1, *input_shape), "float32")
+    w = jax.ShapeDtypeStruct((*kernel, features // groups, input_shape[-1]), "float32")
+    geometry = transpose_geometry("conv_transpose", rank, y, w, None, stride, padding, dilation,
+                                  groups, output_padding)
+    if any(lo != hi for lo, hi in geometry.pads):
+        raise Unsupported(f"conv_transpose padding {padding!r} (uneven: {geometry.pads})")
+    module = getattr(torch.nn, f"ConvTranspose{rank}d")
+    return module(input_shape[-1], features, kernel, stride,
+                  tuple(lo for lo, _ in geometry.pads), geometry.output_padding, groups,
+                  bias=use_bias, dilation=dilation)
 
 
 def _pool(kind: str):

@@ -258,6 +258,8 @@ def test_initialisers_from_config():
 def test_every_layer_type_builds_and_runs_alike_through_both_ops():
     layer_cfgs = [
         {"type": "conv", "features": 4, "kernel": [3, 2], "padding": "SAME", "dilation": 2},
+        {"type": "conv_transpose", "features": 4, "kernel": 2, "stride": 2, "padding": 3,
+         "output_padding": 1},
         {"type": "leaky_relu", "negative_slope": 0.1},
         {"type": "avg_pool", "window": 2, "stride": 1},
         {"type": "channel_max", "group_size": 2},
@@ -275,8 +277,8 @@ def test_every_layer_type_builds_and_runs_alike_through_both_ops():
     # global_avg_pool would take flatten's place: tests/test_blocks.py builds it in a config.
     assert builtin - {c["type"] for c in layer_cfgs} == {"global_avg_pool"}
     model = _layers_model(layer_cfgs, loss="quadratic", input_shape=(5, 5, 2), num_classes=3)
-    assert [r.output_shape for r in model.summary[:6]] == [
-        (5, 5, 4), (5, 5, 4), (4, 4, 4), (4, 4, 2), (4, 4, 2), (2, 2, 2)]
+    assert [r.output_shape for r in model.summary[:7]] == [
+        (5, 5, 4), (5, 5, 4), (5, 5, 4), (4, 4, 4), (4, 4, 2), (4, 4, 2), (2, 2, 2)]
     params = model.init(_key(), dtype=jnp.float64)
     x, _ = _batch(model, jnp.float64)
     run = jax.jit(model.apply, static_argnums=2)

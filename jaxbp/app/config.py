@@ -18,6 +18,12 @@ Unknown keys are errors.
         conv: features REQUIRED, kernel REQUIRED (int, or one int per spatial
           axis), stride [1], padding [VALID], dilation [1], groups [1],
           use_bias [true], kernel_init [lecun_normal], bias_init [zeros]
+        conv_transpose: features REQUIRED (its output channels), kernel
+          REQUIRED, stride [1], padding [VALID], dilation [1], groups [1],
+          output_padding [0] (int or list, each below the stride or the
+          dilation), use_bias [true], kernel_init [lecun_normal], bias_init
+          [zeros]; stride, padding and dilation are the conv's it is the
+          adjoint of, and SAME makes the output the input's size times stride
         dense: features REQUIRED, use_bias [true], kernel_init [lecun_normal],
           bias_init [zeros]
         max_pool, avg_pool: window REQUIRED (int or list), stride [null: the

@@ -23,6 +23,10 @@ Residuals: x and w.
 Each of the forward and the three gradients is a slot of `jaxbp.fast`, which may choose a
 faster formulation of the same equation for the call's shapes (`jaxbp/fast/conv.py`); the
 functions here are the plain ones, XLA's convolutions.
+
+`conv_transpose` (DERIVATIONS.md §10) is the input delta made a layer: its forward is
+`_input_delta`, and its backward is conv's forward and conv's kernel gradient with the roles
+of x and dy swapped, each in its plain formulation.
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbp import fast
-from jaxbp.reference.conv import (ConvGeometry, channels_last_numbers, conv_forward,
-                                  conv_geometry, effective_window, fixed_rank)
+from jaxbp.reference.conv import (ConvGeometry, TransposeGeometry, channels_last_numbers,
+                                  conv_forward, conv_geometry, effective_window, fixed_rank,
+                                  plus_bias, transpose_geometry, transposed_shape)
 
 
 def _unreached(size: int, kernel: int, dilation: int, stride: int, pad: Tuple[int, int]) -> int:
@@ -167,4 +172,75 @@ def conv(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
                                          groups))
 
 
-conv1d, conv2d, conv3d = (fixed_rank(r, _apply) for r in (1, 2, 3))
+conv1d, conv2d, conv3d = (fixed_rank(r, conv, _apply) for r in (1, 2, 3))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_transpose(y, w, b, geometry: TransposeGeometry, with_bias: bool):
+    return _conv_transpose_fwd(y, w, b, geometry, with_bias)[0]
+
+
+def _conv_transpose_fwd(y, w, b, geometry, with_bias):
+    """z = conv's input delta (§2.2-§2.3) with y as the delta, plus b; z has conv's x shape."""
+    x_shape = transposed_shape(y.shape, w.shape, geometry)
+    z = plus_bias(_input_delta(y, w, x_shape=x_shape, geometry=geometry.conv), b)
+    return z, (y, w)
+
+
+def _conv_transpose_bwd(geometry, with_bias, residuals, dz):
+    """dy = conv(dz, w), the conv whose input delta z is (DERIVATIONS.md §10); dw = conv's kernel
+    gradient (§2.4) with dz as its x and y as its dy; db = dz summed over batch and positions."""
+    y, w = residuals
+    dy = conv_forward(dz, w, None, geometry.conv)
+    dw = _kernel_grad(dz, y, w_shape=w.shape, geometry=geometry.conv)
+    db = _bias_grad(dz) if with_bias else None
+    return dy, dw, db
+
+
+_conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+
+
+def _apply_transpose(y, w, b, geometry: TransposeGeometry):
+    return _conv_transpose(y, w, b, geometry, b is not None)
+
+
+def conv_transpose(y, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1,
+                   output_padding=0):
+    """Transposed convolution, the exact adjoint of `conv`: the seeds' rot180 symmetry, made a
+    layer. The backward of conv_transpose is conv, as the backward of conv is conv_transpose.
+
+    `conv_transpose(dy, w, stride=s, padding=p, dilation=d, groups=g)` is the input delta of
+    `conv(x, w, stride=s, padding=p, dilation=d, groups=g)` for an x of the result's size:
+    the full correlation of y, spread out by the stride, with the rotated, channel-swapped
+    kernel (`_input_delta`, DERIVATIONS.md §2.2-§2.3). Sizes as PyTorch's ConvTranspose, the
+    padding being the conv's: per axis
+    `(n - 1) * stride - low - high + (k - 1) * dilation + 1 + output_padding`.
+
+    Args:
+      y: input `(batch, *spatial, out_ch)`, shaped like the output of the conv it transposes.
+      w: that conv's kernel, `(*kernel_spatial, in_ch // groups, out_ch)`.
+      b: bias `(in_ch,)` or None.
+      stride: int or one int per spatial axis.
+      padding: the conv's padding: "VALID", "SAME", an int or one `(low, high)` pair per
+        spatial axis. "SAME" is conv's "SAME" for an input of `n * stride`: the result has
+        `n * stride` positions per axis, the output_padding that takes being implied.
+      dilation: kernel dilation, int or one int per spatial axis.
+      groups: feature groups; divides out_ch.
+      output_padding: int or one per spatial axis, smaller than the stride or the dilation
+        (PyTorch's rule): the rows added at the high end, which the stride leaves open.
+
+    Returns:
+      z `(batch, *out_spatial, in_ch)`. Backward (DERIVATIONS.md §10), given dz:
+      dy = conv(dz, w) with the same stride, padding, dilation and groups; dw = conv's kernel
+      gradient with dz playing x and y playing dy, summed over the batch; db = dz summed over
+      batch and positions. Residuals: y and w.
+
+    Raises:
+      ValueError: bad shapes or hyperparameters, checked before XLA sees them.
+    """
+    return _apply_transpose(y, w, b, transpose_geometry(
+        "conv_transpose", None, y, w, b, stride, padding, dilation, groups, output_padding))
+
+
+conv_transpose1d, conv_transpose2d, conv_transpose3d = (
+    fixed_rank(r, conv_transpose, _apply_transpose, transpose_geometry) for r in (1, 2, 3))

@@ -6,7 +6,8 @@ norm's running statistics and evaluation mode) are no twins: plain functions the
 as they are, never differentiated by a hand rule.
 """
 from jaxbp.reference.activations import leaky_relu, relu, sigmoid, softmax, tanh
-from jaxbp.reference.conv import conv, conv1d, conv2d, conv3d
+from jaxbp.reference.conv import (conv, conv1d, conv2d, conv3d, conv_transpose,
+                                  conv_transpose1d, conv_transpose2d, conv_transpose3d)
 from jaxbp.reference.dense import dense, flatten
 from jaxbp.reference.dropout import dropout
 from jaxbp.reference.losses import quadratic, softmax_cross_entropy
@@ -18,6 +19,7 @@ from jaxbp.reference.resample import global_avg_pool, upsample
 
 __all__ = [
     "conv", "conv1d", "conv2d", "conv3d",
+    "conv_transpose", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
     "max_pool", "avg_pool", "channel_max",
     "dense", "flatten",
     "sigmoid", "tanh", "relu", "leaky_relu", "softmax",

@@ -1,13 +1,20 @@
-"""Plain N-dimensional convolution: `lax.conv_general_dilated` plus bias, differentiated by JAX.
+"""Plain N-dimensional convolution and its transpose, differentiated by JAX.
 
-Also home of the argument checking and the resolved hyperparameters
-(`ConvGeometry`) that `jaxbp.layers.conv` shares, so both twins accept and
-reject exactly the same inputs.
+`conv` is `lax.conv_general_dilated` plus bias; `conv_transpose` is, by definition, the
+pullback of that convolution with respect to its input (JAX's own transpose of it), plus
+bias.
+
+Also home of the argument checking and the resolved hyperparameters (`ConvGeometry`,
+`TransposeGeometry`) that `jaxbp.layers.conv` shares, so both twins accept and reject
+exactly the same inputs.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple
+import inspect
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -21,6 +28,24 @@ class ConvGeometry(NamedTuple):
     pads: Pairs
     dilation: Tuple[int, ...]
     groups: int
+
+
+class TransposeGeometry(NamedTuple):
+    """Validated, static (hashable) hyperparameters of one `conv_transpose` call.
+
+    Attributes:
+      conv: the convolution the call is the adjoint of, taking an x of spatial size `sizes`
+        to y's. Its high padding is the given one less stride * (output_padding // stride):
+        an output_padding of a stride or more (allowed below the dilation) adds rows past the
+        windows of y's n positions, and the conv that has exactly n outputs pads less.
+      sizes: spatial sizes of the result.
+      pads: the padding as given, resolved to one (low, high) pair per axis.
+      output_padding: per axis, as given or as "SAME" implies.
+    """
+    conv: ConvGeometry
+    sizes: Tuple[int, ...]
+    pads: Pairs
+    output_padding: Tuple[int, ...]
 
 
 def channels_last_numbers(rank: int) -> lax.ConvDimensionNumbers:
@@ -37,10 +62,41 @@ def effective_window(kernel: int, dilation: int) -> int:
     return (kernel - 1) * dilation + 1
 
 
-def _check_groups(layer: str, groups, x_shape, w_shape) -> int:
+class _Window(NamedTuple):
+    rank: int
+    w_shape: Tuple[int, ...]
+    strides: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    windows: Tuple[int, ...]   # effective (dilated) kernel extent per axis
+
+
+def _check_window(layer: str, rank: Optional[int], input_name: str, x, w, stride,
+                  dilation) -> _Window:
+    """The checks conv and conv_transpose share: x is channels-last with `rank` spatial axes
+    (any of 1 to 3 for None), w is `(*kernel_spatial, in_ch // groups, out_ch)` with kernel
+    sizes >= 1, stride and dilation ints >= 1 per axis. `input_name` is what messages call x."""
+    rank = check_channels_last(layer, x, rank or 1, rank or 3)
+    w_shape = tuple(getattr(w, "shape", ()))
+    if len(w_shape) != rank + 2:
+        raise fail(layer, f"expected kernel of shape (*kernel_spatial, in_ch // groups, out_ch) "
+                          f"with {rank} spatial axes for {input_name} of shape {x.shape}, got "
+                          f"shape {w_shape or type(w).__name__}")
+    if min(w_shape[:rank]) < 1:
+        raise fail(layer, f"kernel spatial sizes must be >= 1, got kernel shape {w_shape}")
+    strides = spatial_tuple(layer, "stride", stride, rank)
+    dilations = spatial_tuple(layer, "dilation", dilation, rank)
+    windows = tuple(effective_window(k, d) for k, d in zip(w_shape[:rank], dilations))
+    return _Window(rank, w_shape, strides, dilations, windows)
+
+
+def _group_count(layer: str, groups) -> int:
     if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
         raise fail(layer, f"groups must be an int >= 1, got {groups!r}")
-    groups = int(groups)
+    return int(groups)
+
+
+def _check_groups(layer: str, groups, x_shape, w_shape) -> int:
+    groups = _group_count(layer, groups)
     in_ch, out_ch = x_shape[-1], w_shape[-1]
     if in_ch % groups or out_ch % groups:
         raise fail(layer, f"groups={groups} must divide both the input channels ({in_ch}) and "
@@ -50,6 +106,25 @@ def _check_groups(layer: str, groups, x_shape, w_shape) -> int:
                           f"channels (w.shape[-2] * groups = {w_shape[-2]} * {groups}), but x of "
                           f"shape {x_shape} has {in_ch}")
     return groups
+
+
+def _check_transposed_groups(layer: str, groups, y_shape, w_shape) -> int:
+    groups = _group_count(layer, groups)
+    out_ch = w_shape[-1]
+    if y_shape[-1] != out_ch:
+        raise fail(layer, f"kernel of shape {w_shape} takes y with {out_ch} channels "
+                          f"(w.shape[-1], the out_ch of the conv it transposes), but y of shape "
+                          f"{y_shape} has {y_shape[-1]}")
+    if out_ch % groups:
+        raise fail(layer, f"groups={groups} must divide the channels of y ({out_ch}); "
+                          f"y shape {y_shape}, w shape {w_shape}")
+    return groups
+
+
+def _check_bias(layer: str, b, channels: int, why: str) -> None:
+    if b is not None and tuple(getattr(b, "shape", ())) != (channels,):
+        raise fail(layer, f"expected bias of shape ({channels},) ({why}), "
+                          f"got {getattr(b, 'shape', type(b).__name__)}")
 
 
 def conv_geometry(layer: str, rank: Optional[int], x, w, b, stride, padding, dilation,
@@ -67,25 +142,13 @@ def conv_geometry(layer: str, rank: Optional[int], x, w, b, stride, padding, dil
     Raises:
       LayerArgumentError (a ValueError) naming `layer`, the shapes got and what was expected.
     """
-    rank = check_channels_last(layer, x, rank or 1, rank or 3)
-    w_shape = tuple(getattr(w, "shape", ()))
-    if len(w_shape) != rank + 2:
-        raise fail(layer, f"expected kernel of shape (*kernel_spatial, in_ch // groups, out_ch) "
-                          f"with {rank} spatial axes for x of shape {x.shape}, got shape "
-                          f"{w_shape or type(w).__name__}")
-    if min(w_shape[:rank]) < 1:
-        raise fail(layer, f"kernel spatial sizes must be >= 1, got kernel shape {w_shape}")
-    groups = _check_groups(layer, groups, x.shape, w_shape)
-    if b is not None and tuple(getattr(b, "shape", ())) != (w_shape[-1],):
-        raise fail(layer, f"expected bias of shape ({w_shape[-1]},) (out_ch of kernel {w_shape}), "
-                          f"got {getattr(b, 'shape', type(b).__name__)}")
-    strides = spatial_tuple(layer, "stride", stride, rank)
-    dilations = spatial_tuple(layer, "dilation", dilation, rank)
-    windows = [effective_window(k, d) for k, d in zip(w_shape[:rank], dilations)]
+    window = _check_window(layer, rank, "x", x, w, stride, dilation)
+    groups = _check_groups(layer, groups, x.shape, window.w_shape)
+    _check_bias(layer, b, window.w_shape[-1], f"out_ch of kernel {window.w_shape}")
     in_sizes = x.shape[1:-1]
-    pads = resolve_padding(layer, padding, in_sizes, windows, strides)
-    output_sizes(layer, in_sizes, windows, strides, pads)
-    return ConvGeometry(strides, pads, dilations, groups)
+    pads = resolve_padding(layer, padding, in_sizes, window.windows, window.strides)
+    output_sizes(layer, in_sizes, window.windows, window.strides, pads)
+    return ConvGeometry(window.strides, pads, window.dilation, groups)
 
 
 def plus_bias(y, b):
@@ -113,22 +176,112 @@ def conv(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
                                                dilation, groups))
 
 
-def fixed_rank(rank: int, apply: Callable) -> Callable:
-    """Builds `conv{rank}d`: `conv` that additionally requires `rank` spatial axes.
+def transpose_geometry(layer: str, rank: Optional[int], y, w, b, stride, padding, dilation,
+                       groups, output_padding) -> TransposeGeometry:
+    """Checks shapes and hyperparameters of a transposed convolution before XLA sees them.
 
-    `apply(x, w, b, geometry)` computes the convolution once the arguments are checked.
+    Sizes as PyTorch's ConvTranspose: per axis the result has
+    `(n - 1) * stride - low - high + (k - 1) * dilation + 1 + output_padding` positions, and
+    output_padding must be smaller than the stride or the dilation. "SAME" is conv's "SAME"
+    for an input of `n * stride`, the size the result then has (as TensorFlow's transposed
+    convolution); it implies output_padding `max(stride - (k - 1) * dilation - 1, 0)`, so a
+    given one must be 0.
+
+    Args:
+      layer: name used in error messages.
+      rank: required number of spatial axes, or None for any of 1, 2, 3.
+      y, w, b, stride, padding, dilation, groups, output_padding: as for `conv_transpose`.
+
+    Returns:
+      The resolved `TransposeGeometry`.
+
+    Raises:
+      LayerArgumentError (a ValueError) naming `layer`, what it got and what was expected.
     """
-    layer = f"conv{rank}d"
+    window = _check_window(layer, rank, "y", y, w, stride, dilation)
+    strides, w_shape = window.strides, window.w_shape
+    groups = _check_transposed_groups(layer, groups, y.shape, w_shape)
+    _check_bias(layer, b, w_shape[-2] * groups,
+                f"in_ch = w.shape[-2] * groups = {w_shape[-2]} * {groups}")
+    extra = spatial_tuple(layer, "output_padding", output_padding, window.rank, minimum=0)
+    if any(e >= max(s, d) for e, s, d in zip(extra, strides, window.dilation)):
+        raise fail(layer, f"output_padding must be smaller than the stride or the dilation on "
+                          f"every axis, got output_padding={output_padding!r} with stride "
+                          f"{strides} and dilation {window.dilation}")
+    same = tuple(n * s for n, s in zip(y.shape[1:-1], strides))
+    pads = resolve_padding(layer, padding, same, window.windows, strides)
+    # The positions some window of y's reaches, less the padding: the result without extra.
+    reached = [(n - 1) * s + k_eff - lo - hi
+               for n, s, k_eff, (lo, hi) in zip(y.shape[1:-1], strides, window.windows, pads)]
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        if any(extra):
+            raise fail(layer, f"output_padding must be 0 with padding SAME, which settles the "
+                              f"output size (y's times the stride, {same}), got "
+                              f"{output_padding!r}")
+        extra = tuple(size - r for size, r in zip(same, reached))
+    sizes = tuple(r + e for r, e in zip(reached, extra))
+    if min(sizes) < 1:
+        raise fail(layer, f"padding {pads} leaves no output: (n - 1) * stride - low - high + "
+                          f"(k - 1) * dilation + 1 + output_padding = {sizes} for y of spatial "
+                          f"size {tuple(y.shape[1:-1])}")
+    conv_pads = tuple((lo, hi - s * (e // s)) for (lo, hi), s, e in zip(pads, strides, extra))
+    return TransposeGeometry(ConvGeometry(strides, conv_pads, window.dilation, groups), sizes,
+                             pads, extra)
 
-    def conv_nd(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
-        return apply(x, w, b, conv_geometry(layer, rank, x, w, b, stride, padding, dilation,
-                                            groups))
 
-    conv_nd.__name__ = conv_nd.__qualname__ = layer
-    conv_nd.__module__ = apply.__module__
-    conv_nd.__doc__ = (f"{rank}-D convolution: `conv` restricted to x of shape "
-                       f"`(batch, *{rank} spatial, in_ch)`; see `conv` for the arguments.")
-    return conv_nd
+def transposed_shape(y_shape: Sequence[int], w_shape: Sequence[int],
+                     geometry: TransposeGeometry) -> Tuple[int, ...]:
+    """The shape of `conv_transpose`'s result, `(batch, *sizes, in_ch)`: the x of the conv
+    it is the adjoint of."""
+    return (y_shape[0], *geometry.sizes, w_shape[-2] * geometry.conv.groups)
 
 
-conv1d, conv2d, conv3d = (fixed_rank(r, conv_forward) for r in (1, 2, 3))
+def conv_transpose_forward(y, w, b, geometry: TransposeGeometry):
+    """The pullback of `conv_forward(·, w)` at y, plus b: JAX's own transpose of the
+    convolution, which is what `conv_transpose` is. The conv is linear in x, so its pullback
+    is the same at every x; zeros will do."""
+    x = jnp.zeros(transposed_shape(y.shape, w.shape, geometry), y.dtype)
+    _, pullback = jax.vjp(lambda v: conv_forward(v, w, None, geometry.conv), x)
+    return plus_bias(pullback(y)[0], b)
+
+
+def conv_transpose(y, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1,
+                   output_padding=0):
+    """Plain twin of `jaxbp.layers.conv.conv_transpose` (same arguments and shapes),
+    differentiated by JAX.
+
+    y `(batch, *spatial, out_ch)`, w `(*kernel_spatial, in_ch // groups, out_ch)`, b
+    `(in_ch,)` or None -> `(batch, *out_spatial, in_ch)`.
+    """
+    return conv_transpose_forward(y, w, b, transpose_geometry(
+        "conv_transpose", None, y, w, b, stride, padding, dilation, groups, output_padding))
+
+
+def fixed_rank(rank: int, full: Callable, apply: Callable,
+               geometry: Callable = conv_geometry) -> Callable:
+    """Builds `<full>{rank}d`: `full` (`conv` or `conv_transpose`, whose signature and
+    defaults it takes) additionally requiring `rank` spatial axes.
+
+    `geometry(layer, rank, x, w, b, **hyperparameters)` checks the arguments (`conv_geometry`
+    or `transpose_geometry`), and `apply(x, w, b, geometry)` computes the layer.
+    """
+    layer = f"{full.__name__}{rank}d"
+    signature = inspect.signature(full)
+
+    def fixed(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return apply(*bound.args, geometry(layer, rank, *bound.args, **bound.kwargs))
+
+    fixed.__name__ = fixed.__qualname__ = layer
+    fixed.__module__ = full.__module__
+    fixed.__signature__ = signature
+    fixed.__doc__ = (f"{rank}-D `{full.__name__}`, restricted to an input of shape "
+                     f"`(batch, *{rank} spatial, channels)`; see `{full.__name__}` for the "
+                     f"arguments.")
+    return fixed
+
+
+conv1d, conv2d, conv3d = (fixed_rank(r, conv, conv_forward) for r in (1, 2, 3))
+conv_transpose1d, conv_transpose2d, conv_transpose3d = (
+    fixed_rank(r, conv_transpose, conv_transpose_forward, transpose_geometry) for r in (1, 2, 3))
