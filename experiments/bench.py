@@ -65,7 +65,7 @@ USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # before jaxbp.runtime adds its ow
 from jaxbp import runtime  # noqa: E402  (importing jaxbp applies its runtime defaults)
 
 MATMUL_SIZE = 2048
-MODELS = ("seed002", "lenet5_classic", "lenet5", "wide")
+MODELS = ("seed002", "lenet5_classic", "lenet5", "wide", "resnet")
 BATCHES = (128, 1024)
 QUICK = dict(batches=(128,), rounds=3)
 TARGET_ROUND_SECONDS = 0.3  # steps per round: enough that small models are timed many times
