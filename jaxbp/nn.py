@@ -28,7 +28,7 @@ keyword, and `Conv`, `Dense`, ... are that for the built-in ones. `serial` chain
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
