@@ -12,7 +12,7 @@ import math
 import jax
 
 from jaxbp._spatial import spatial_tuple
-from jaxbp.reference.conv import transpose_geometry
+from jaxbp.reference.conv import conv_geometry, transpose_geometry
 
 
 class Unsupported(Exception):
@@ -37,9 +37,24 @@ def _padding(padding, stride, rank: int):
 
 
 def conv(torch, input_shape, *, features, kernel, stride, padding, dilation, groups, use_bias):
-    module = getattr(torch.nn, f"Conv{_rank(input_shape)}d")
-    return module(input_shape[-1], features, kernel, stride,
-                  _padding(padding, stride, _rank(input_shape)), dilation, groups, bias=use_bias)
+    """`Conv{1,2,3}d`; where our padding is uneven (SAME with a stride, say), a
+    `ConstantPad{1,2,3}d` with the resolved pairs in front of an unpadded conv."""
+    rank = _rank(input_shape)
+    module = getattr(torch.nn, f"Conv{rank}d")
+    try:
+        return module(input_shape[-1], features, kernel, stride,
+                      _padding(padding, stride, rank), dilation, groups, bias=use_bias)
+    except Unsupported:
+        sizes = spatial_tuple("conv", "kernel", kernel, rank)
+        x = jax.ShapeDtypeStruct((1, *input_shape), "float32")
+        w = jax.ShapeDtypeStruct((*sizes, input_shape[-1] // groups, features), "float32")
+        pads = conv_geometry("conv", rank, x, w, None, stride, padding, dilation, groups).pads
+        # PyTorch lists the pads from the last axis back: (lo_last, hi_last, lo_prev, ...).
+        flat = tuple(side for pair in reversed(pads) for side in pair)
+        return torch.nn.Sequential(
+            getattr(torch.nn, f"ConstantPad{rank}d")(flat, 0.0),
+            module(input_shape[-1], features, sizes, stride, 0, dilation, groups,
+                   bias=use_bias))
 
 
 def conv_transpose(torch, input_shape, *, features, kernel, stride, padding, dilation, groups,

@@ -80,3 +80,18 @@ def test_time_to_accuracy_on_tiny_data(tmp_path):
     assert jaxbp["reached"] and jaxbp["epochs"] == 1 and jaxbp["time_to_target_s"] > 0
     assert 0 <= jaxbp["final_accuracy"] <= 1 and "torch" not in report["results"]
     assert "| jaxbp |" in (tmp_path / "time_to_accuracy.md").read_text()
+
+
+def test_torch_twins_of_a_strided_same_conv_and_a_residual_block():
+    """Where PyTorch has no uneven padding, the conv twin pads explicitly; same numbers."""
+    torch = pytest.importorskip("torch")
+    from jaxbp import torch_twins
+    conv = torch_twins.conv(torch, (9, 8, 3), features=4, kernel=3, stride=2, padding="SAME",
+                            dilation=1, groups=1, use_bias=False)
+    x = np.random.default_rng(0).standard_normal((2, 9, 8, 3)).astype(np.float32)
+    w = conv[1].weight.detach().numpy().transpose(2, 3, 1, 0)
+    want = reference.conv(jnp.asarray(x), jnp.asarray(w), None, stride=2, padding="SAME")
+    block = torch_twins.residual(torch, conv, torch.nn.Sequential(conv))
+    got = block(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy()
+    np.testing.assert_allclose(got.transpose(0, 2, 3, 1), 2 * np.asarray(want), rtol=1e-5,
+                               atol=1e-5)
