@@ -20,10 +20,11 @@ import pytest
 import yaml
 
 from idx_fixtures import write_idx_dataset
-from jaxbp.app import checkpoint, report
+from jaxbp.app import checkpoint, manifest, report, rundir
 from jaxbp.app.cli import main
 from jaxbp.app.config import load_config
 from jaxbp.app.train import build, use_precision
+from test_checkpoint import flip_byte
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,6 +124,7 @@ def test_one_epoch_writes_reports_and_checkpoint(one_epoch_run, config_path):
     with open(os.path.join(one_epoch_run, report.CURVES_FILE), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert checkpoint.latest_epoch(one_epoch_run) == 1
+    assert checkpoint.choose(one_epoch_run) == checkpoint.Choice(1, True, ())
 
 
 @pytest.mark.slow
@@ -210,6 +212,98 @@ def test_eval_reproduces_the_summary(one_epoch_run, config_path, capsys):
     assert result["epoch"] == 1
     assert result["test_accuracy"] == summary["test_accuracy"]
     assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+
+
+def params_array_file(run_dir: str, epoch: int) -> str:
+    """The largest file of checkpoint `epoch`'s params: the array data."""
+    folder = os.path.join(checkpoint.step_dir(run_dir, epoch), "params")
+    files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+def folder_bytes(folder: str) -> dict:
+    return {os.path.join(root, name): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def eval_result(capsys) -> tuple[dict, str]:
+    """The JSON line `jaxbp eval` printed, and its stderr."""
+    out, err = capsys.readouterr()
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_skipped_and_resume_stays_bit_exact(two_epoch_run, config_path,
+                                                                    tmp_path, capsys):
+    run = copy_run(two_epoch_run, tmp_path)
+    bad = params_array_file(run, 2)
+    flip_byte(bad, os.path.getsize(bad) // 2)
+    damaged_bytes = folder_bytes(checkpoint.step_dir(run, 2))
+    rel = os.path.relpath(bad, checkpoint.step_dir(run, 2))
+    note = (f"the checkpoint of epoch 2 in {checkpoint.step_dir(run, 2)} is damaged "
+            f"(checksum mismatch in {rel})")
+
+    assert run_cli("eval", config_path, "--checkpoint", run) == 0
+    result, err = eval_result(capsys)
+    assert result["epoch"] == 1 and f"{note}; skipped" in err
+    assert "the newest intact one" in err and checkpoint.epochs(run) == [1, 2]
+
+    assert run_cli("train", config_path, "--out", run, "--resume",
+                   "--set", "train.epochs=2") == 0
+    out = capsys.readouterr().out
+    aside = os.path.join(run, rundir.DAMAGED_DIR, "2")
+    assert f"{note}; moved to {aside}, not deleted" in out
+    assert "resuming from the checkpoint of epoch 1, the newest intact one" in out
+    assert {os.path.relpath(k, aside): v for k, v in folder_bytes(aside).items()} == \
+        {os.path.relpath(k, checkpoint.step_dir(run, 2)): v for k, v in damaged_bytes.items()}
+    assert checkpoint.choose(run) == checkpoint.Choice(2, True, ())
+    assert_same_params(run, two_epoch_run, config_path)
+    assert learning_metrics(run) == learning_metrics(two_epoch_run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_no_intact_checkpoint_exits_2_and_changes_nothing(command, one_epoch_run, config_path,
+                                                          tmp_path, capsys):
+    run = copy_run(one_epoch_run, tmp_path)
+    flip_byte(params_array_file(run, 1))
+    before = folder_bytes(run)
+    argv = ("--out", run, "--resume") if command == "train" else ("--checkpoint", run)
+    assert run_cli(command, config_path, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jaxbp: error: no intact checkpoint in {checkpoint.checkpoint_dir(run)}"
+                          f" (epoch 1: checksum mismatch in params/")
+    assert err.count("\n") == 1 and folder_bytes(run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, model", [("train", "model/optimizer"), ("eval", "model")])
+def test_a_checkpoint_of_another_model_does_not_fit(command, model, one_epoch_run, config_path,
+                                                    tmp_path, capsys):
+    run = copy_run(one_epoch_run, tmp_path)
+    before = folder_bytes(run)
+    argv = ("--out", run, "--resume") if command == "train" else ("--checkpoint", run)
+    assert run_cli(command, config_path, *argv, "--set", "model.layers.0.features=6") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jaxbp: error: the checkpoint of epoch 1 in "
+                          f"{checkpoint.step_dir(run, 1)} does not fit this config's {model}: ")
+    assert err.count("\n") == 1 and folder_bytes(run) == before
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_manifest(two_epoch_run, config_path, tmp_path, capsys):
+    """Newer than one with a manifest: damaged (cut short); in a run without any: written
+    before checkpoints were verified, used unverified."""
+    run = copy_run(two_epoch_run, tmp_path)
+    os.remove(os.path.join(checkpoint.step_dir(run, 2), manifest.MANIFEST_FILE))
+    assert run_cli("eval", config_path, "--checkpoint", run) == 0
+    result, err = eval_result(capsys)
+    assert result["epoch"] == 1 and "epoch 2" in err and "(missing manifest); skipped" in err
+
+    os.remove(os.path.join(checkpoint.step_dir(run, 1), manifest.MANIFEST_FILE))
+    assert run_cli("eval", config_path, "--checkpoint", run) == 0
+    result, err = eval_result(capsys)
+    assert result["epoch"] == 2 and err.strip() == rundir.unverified_note(2)
 
 
 def test_summary_totals_over_epochs():

@@ -95,7 +95,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = os.path.normpath(args.checkpoint)
     if os.path.basename(run_dir) == CHECKPOINT_DIR:
         run_dir = os.path.dirname(run_dir)
-    print(json.dumps(evaluate_checkpoint(cfg, run_dir)))
+    # Notes on skipped checkpoints go to stderr: stdout stays one JSON line.
+    result = evaluate_checkpoint(cfg, run_dir, echo=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(result))
     return 0
 
 

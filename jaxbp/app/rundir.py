@@ -1,11 +1,17 @@
-"""The run-folder policy: never overwrite another run, resume from its newest checkpoint,
-say what changed in the config since, and keep the last good checkpoint when training
-diverges."""
+"""The run-folder policy: never overwrite another run, resume from its newest intact
+checkpoint, say what changed in the config since, and keep the last good checkpoint when
+training diverges.
+
+Damaged checkpoints (see `checkpoint.choose`) are never deleted: evaluation skips them;
+a resumed run, which is about to write those epochs again, first moves them to
+`<run dir>/damaged_checkpoints/<epoch>` (orbax would otherwise keep them as the newest
+steps and skip the new saves).
+"""
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Optional
+from typing import Mapping, Sequence
 
 import jax
 
@@ -14,11 +20,52 @@ from jaxbp.app.experiment import RunError
 from jaxbp.app.steps import TrainState
 
 
-def check_run_dir(out_dir: str, resume: bool) -> Optional[int]:
-    """The epoch to resume from (None: start afresh); refuses to overwrite another run."""
-    latest = checkpoint.latest_epoch(out_dir)
+DAMAGED_DIR = "damaged_checkpoints"
+FRESH = checkpoint.Choice(None, False, ())
+
+
+def usable_checkpoint(run_dir: str) -> checkpoint.Choice:
+    """`checkpoint.choose`; a RunError when the run has checkpoints but none is usable."""
+    choice = checkpoint.choose(run_dir)
+    if choice.epoch is None and choice.damaged:
+        problems = "; ".join(f"epoch {d.epoch}: {d.problem}" for d in choice.damaged)
+        raise RunError(f"no intact checkpoint in {checkpoint.checkpoint_dir(run_dir)} "
+                       f"({problems}); nothing was changed or deleted")
+    return choice
+
+
+def damage_note(damaged: checkpoint.Damaged) -> str:
+    return (f"the checkpoint of epoch {damaged.epoch} in {damaged.path} is damaged "
+            f"({damaged.problem})")
+
+
+def unverified_note(epoch: int) -> str:
+    return (f"note: the checkpoint of epoch {epoch} has no checksum manifest (written "
+            f"before jaxbp verified checkpoints); using it unverified")
+
+
+def set_aside(out_dir: str, damaged: Sequence[checkpoint.Damaged]) -> list[str]:
+    """Moves damaged checkpoints to `<out_dir>/damaged_checkpoints/<epoch>` (`.2`, `.3`, ...
+    when that is taken by an earlier one); says where each went."""
+    notes = []
+    for d in damaged:
+        base = os.path.join(os.path.abspath(out_dir), DAMAGED_DIR, str(d.epoch))
+        dest, n = base, 1
+        while os.path.exists(dest):
+            n += 1
+            dest = f"{base}.{n}"
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.rename(d.path, dest)
+        notes.append(f"{damage_note(d)}; moved to {dest}, not deleted")
+    return notes
+
+
+def check_run_dir(out_dir: str, resume: bool) -> checkpoint.Choice:
+    """The checkpoint to resume from (`FRESH`: start afresh); refuses to overwrite another
+    run, or to resume when every checkpoint is damaged."""
     if resume:
-        return latest
+        return usable_checkpoint(out_dir)
+    latest = checkpoint.latest_epoch(out_dir)
     if latest is not None:
         raise RunError(f"{out_dir} already holds checkpoints of a run (up to epoch {latest}); "
                        f"pass --resume to continue it, or choose another --out")
@@ -26,7 +73,7 @@ def check_run_dir(out_dir: str, resume: bool) -> Optional[int]:
         raise RunError(f"{out_dir} already holds the {report.METRICS_FILE} of a run; pass "
                        f"--resume to train it again from its last checkpoint (or from the "
                        f"start if it has none), or choose another --out")
-    return None
+    return FRESH
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -41,16 +88,26 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+def restore(run_dir: str, epoch: int, abstract_params, abstract_opt_state=None,
+            abstract_model_state=None) -> checkpoint.Restored:
+    """`checkpoint.restore`, its failures as one-line RunErrors."""
+    where = f"the checkpoint of epoch {epoch} in {checkpoint.step_dir(run_dir, epoch)}"
+    try:
+        return checkpoint.restore(run_dir, epoch, abstract_params, abstract_opt_state,
+                                  abstract_model_state)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # only an unverified one
+        raise RunError(f"{where} is unreadable: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        model = "model" if abstract_opt_state is None else "model/optimizer"
+        raise RunError(f"{where} does not fit this config's {model}: "
+                       f"{str(exc).splitlines()[0]}") from None
+
+
 def resume_state(out_dir: str, epoch: int, template: TrainState) -> tuple[TrainState, dict]:
     """The state and meta of checkpoint `epoch`, in the template's structure and dtypes."""
     abstract = jax.eval_shape(lambda: template)
-    try:
-        restored = checkpoint.restore(out_dir, epoch, abstract.params, abstract.opt_state,
-                                      abstract.model_state)
-    except ValueError as exc:
-        raise RunError(f"the checkpoint of epoch {epoch} in {checkpoint.checkpoint_dir(out_dir)} "
-                       f"does not fit this config's model/optimizer: "
-                       f"{str(exc).splitlines()[0]}") from None
+    restored = restore(out_dir, epoch, abstract.params, abstract.opt_state,
+                       abstract.model_state)
     step = jax.numpy.asarray(restored.meta["step"], template.step.dtype)
     return TrainState(restored.params, restored.opt_state, restored.model_state,
                       step), restored.meta

@@ -149,11 +149,13 @@ def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, step
 def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = print) -> dict:
     """Trains as configured, writing reports and checkpoints to `out_dir`; returns the summary.
 
-    Raises RunError/ConfigError/DataError (nothing written yet) for unusable input,
-    NonFiniteLoss when the loss diverges (checkpoints of earlier epochs kept).
+    Raises RunError/ConfigError/DataError (nothing written yet) for unusable input, a run
+    whose checkpoints are all damaged included; NonFiniteLoss when the loss diverges
+    (checkpoints of earlier epochs kept).
     """
     exp = setup(cfg)
-    latest = rundir.check_run_dir(out_dir, resume)
+    choice = rundir.check_run_dir(out_dir, resume)
+    latest = choice.epoch
     steps = steps_per_epoch(exp)
     optimizer = make_optimizer(cfg.optimizer, steps, cfg.train.epochs)
     state, records, changes = initial_state(exp.model, optimizer, cfg.train.seed, exp.dtype), [], []
@@ -161,8 +163,13 @@ def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = pri
         state, records, changes = rundir.resumed(out_dir, latest, state, cfg)
     echo(dump_config(cfg).rstrip())
     echo(format_summary(exp.model))
+    for note in rundir.set_aside(out_dir, choice.damaged):
+        echo(note)
     if latest is not None:
-        echo(f"resuming from the checkpoint of epoch {latest}")
+        if not choice.verified:
+            echo(rundir.unverified_note(latest))
+        echo(f"resuming from the checkpoint of epoch {latest}"
+             + (", the newest intact one" if choice.damaged else ""))
         for change in changes:
             echo(f"note: config changed since that checkpoint: {change}")
     elif resume:
@@ -187,21 +194,24 @@ def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = pri
     return summary
 
 
-def evaluate_checkpoint(cfg: Mapping, run_dir: str) -> dict:
-    """Test loss and accuracy of the newest checkpoint in `run_dir` under the config's model."""
+def evaluate_checkpoint(cfg: Mapping, run_dir: str, echo: Callable = print) -> dict:
+    """Test loss and metric of the newest intact checkpoint in `run_dir` under the config's
+    model; says which damaged ones it skipped (none is moved or deleted)."""
     exp = setup(cfg, splits=("test",))
-    latest = checkpoint.latest_epoch(run_dir)
-    if latest is None:
+    choice = rundir.usable_checkpoint(run_dir)
+    if choice.epoch is None:
         raise RunError(f"no checkpoint found in {checkpoint.checkpoint_dir(run_dir)}")
+    for damaged in choice.damaged:
+        echo(f"{rundir.damage_note(damaged)}; skipped")
+    if not choice.verified:
+        echo(rundir.unverified_note(choice.epoch))
+    if choice.damaged:
+        echo(f"evaluating the checkpoint of epoch {choice.epoch}, the newest intact one")
     abstract = jax.eval_shape(lambda: exp.model.init(jax.random.PRNGKey(0), dtype=exp.dtype))
     abstract_state = jax.eval_shape(lambda: exp.model.init_state(exp.dtype))
-    try:
-        restored = checkpoint.restore(run_dir, latest, abstract,
-                                      abstract_model_state=abstract_state)
-    except ValueError as exc:
-        raise RunError(f"the checkpoint of epoch {latest} does not fit this config's model: "
-                       f"{str(exc).splitlines()[0]}") from None
+    restored = rundir.restore(run_dir, choice.epoch, abstract,
+                              abstract_model_state=abstract_state)
     eval_step = make_eval_step(exp.model, exp.dtype)
     loss, value = evaluate(eval_step, restored.params, restored.model_state, exp.test,
                            cfg.data.batch_size, exp.dtype)
-    return {"epoch": latest, "test_loss": loss, f"test_{exp.model.metric}": value}
+    return {"epoch": choice.epoch, "test_loss": loss, f"test_{exp.model.metric}": value}
