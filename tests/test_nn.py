@@ -23,7 +23,7 @@ SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 def _build(cfg, input_shape=None, num_classes=None):
     name = cfg.data.name
     return build_model(cfg.model, cfg.loss, input_shape or data.input_shape(name),
-                       num_classes or data.num_classes(name))
+                       num_classes or data.num_classes(name), cfg.data.target)
 
 
 def _model(model_cfg, loss, input_shape, num_classes):
@@ -63,26 +63,30 @@ def test_seed002_summary_matches_the_seed():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
 def test_shipped_config_builds_and_runs_hand_and_reference_alike(path):
-    """Forward outputs, loss and every parameter gradient agree in float64 on a tiny batch."""
+    """Forward outputs, loss and every parameter gradient agree in float64 on a tiny batch,
+    in training mode (batch statistics, dropout masks from one key)."""
     cfg = load_config(path)
     model = _build(cfg)
-    assert model.summary[-1].output_shape == (10,)
+    output_shape = (10,) if cfg.data.target == "labels" else model.input_shape
+    assert model.summary[-1].output_shape == output_shape
     params = model.init(_key(1), dtype=jnp.float64)
     leaves = jax.tree_util.tree_leaves(params)
     assert sum(leaf.size for leaf in leaves) == sum(row.params for row in model.summary)
     assert all(leaf.dtype == jnp.float64 for leaf in leaves)
     x, labels = _batch(model, jnp.float64)
+    state, key = model.init_state(jnp.float64), jax.random.PRNGKey(2)
 
     @jax.jit
     def run(params, x, labels):
-        return {ops.name: (model.apply(params, x, ops),
-                           jax.value_and_grad(model.loss, has_aux=True)(params, x, labels, ops))
+        return {ops.name: (model.apply(params, x, ops, train=True, rng=key, state=state)[0],
+                           jax.value_and_grad(model.loss, has_aux=True)(
+                               params, x, labels, ops, train=True, rng=key, state=state))
                 for ops in (HAND, REFERENCE)}
 
     results = run(params, x, labels)
     (hand_out, ((hand_loss, _), hand_grads)), (ref_out, ((ref_loss, _), ref_grads)) = (
         results["hand"], results["reference"])
-    assert hand_out.shape == (2, 10)
+    assert hand_out.shape == (2, *output_shape)
     assert relative_error(hand_out, ref_out) <= 1e-12
     assert relative_error(hand_loss, ref_loss) <= 1e-12
     for got, want in zip(jax.tree_util.tree_leaves(hand_grads),
@@ -268,6 +272,8 @@ def test_every_layer_type_builds_and_runs_alike_through_both_ops():
         {"type": "relu"},
         {"type": "upsample", "factor": [2, 1]},
         {"type": "flatten"},
+        {"type": "batch_norm"},
+        {"type": "dropout", "rate": 0.3},
         {"type": "dense", "features": 3},
         {"type": "layer_norm"},
         {"type": "sigmoid"},
@@ -281,8 +287,14 @@ def test_every_layer_type_builds_and_runs_alike_through_both_ops():
         (5, 5, 4), (5, 5, 4), (5, 5, 4), (4, 4, 4), (4, 4, 2), (4, 4, 2), (2, 2, 2)]
     params = model.init(_key(), dtype=jnp.float64)
     x, _ = _batch(model, jnp.float64)
-    run = jax.jit(model.apply, static_argnums=2)
-    assert relative_error(run(params, x, HAND), run(params, x, REFERENCE)) <= 1e-12
+    state = model.init_state(jnp.float64)
+    run = jax.jit(lambda p, x, ops: model.apply(p, x, ops, train=True,
+                                                rng=jax.random.PRNGKey(3), state=state),
+                  static_argnums=2)
+    (hand, hand_state), (ref, ref_state) = run(params, x, HAND), run(params, x, REFERENCE)
+    assert relative_error(hand, ref) <= 1e-12
+    for got, want in zip(*map(jax.tree_util.tree_leaves, (hand_state, ref_state))):
+        assert relative_error(got, want) <= 1e-12
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_INITIALIZERS))
