@@ -4,6 +4,7 @@
     python3 experiments/bench.py                      # seed002, lenet5, wide at batch 128, 1024
     python3 experiments/bench.py --quick              # a smaller run (a minute or two)
     python3 experiments/bench.py --models wide --batches 128 --rounds 9
+    python3 experiments/bench.py --devices 2 --models lenet5 --batches 128,512  # data parallel
 
 One step = forward, backward and an SGD update (the config's learning rate), on random
 float32 images (batch, 28, 28, 1) and labels, channels-last. In ONE process, after warm-up,
@@ -179,24 +180,31 @@ def check_same_gradients(model, ops, baseline, params, images, labels) -> None:
 
 
 class JaxCandidate:
-    """The CLI's compiled train step for one ops namespace; `run()` times one step."""
+    """The CLI's compiled train step for one ops namespace; `run()` times one step. With a
+    `mesh` (`jaxbp.app.parallel`), as `jaxbp train` runs it there: the state replicated, the
+    batch split over the devices."""
 
-    def __init__(self, model, ops, lr: float, images, labels):
+    def __init__(self, model, ops, lr: float, images, labels, mesh=None):
         import jax.numpy as jnp
         import optax
-        from jaxbp.app import experiment, steps
+        from jaxbp.app import experiment, parallel, steps
         optimizer = optax.sgd(lr)
-        self._steps, self.images, self.labels = steps, images, labels
         self.state = experiment.initial_state(model, optimizer, 0, jnp.float32)
         self.residuals = residual_bytes(model, ops, self.state.params, images, labels)
-        step = steps.make_train_step(model, optimizer, jnp.float32, ops)
-        self.step = step.lower(self.state, steps.zero_totals(jnp.float32), images,
-                               labels).compile()
+        self._zero, out_sharding = (lambda: steps.zero_totals(jnp.float32)), None
+        if mesh is not None:
+            images, labels = parallel.shard_batch((images, labels), mesh)
+            self.state = parallel.replicate(self.state, mesh)
+            self._zero = lambda: parallel.replicate(steps.zero_totals(jnp.float32), mesh)
+            out_sharding = parallel.replicated(mesh)
+        self.images, self.labels = images, labels
+        step = steps.make_train_step(model, optimizer, jnp.float32, ops,
+                                     out_sharding=out_sharding)
+        self.step = step.lower(self.state, self._zero(), images, labels).compile()
 
     def run(self) -> float:
         import jax
-        import jax.numpy as jnp
-        totals = self._steps.zero_totals(jnp.float32)
+        totals = self._zero()
         jax.block_until_ready(totals)
         start = time.perf_counter()
         self.state, totals = self.step(self.state, totals, self.images, self.labels)
@@ -656,6 +664,11 @@ def parse_args(argv=None):
                         help="test accuracy for --time-to-accuracy (default 0.91)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for --time-to-accuracy")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="images/s of the hand step of each --models config at each "
+                             "--batches size, data parallel on 1..N devices (on the CPU, N "
+                             "host devices: honest only up to the cores); writes "
+                             "bench-devices.{json,md}")
     parser.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--library-child", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -703,6 +716,48 @@ def time_to_accuracy_main(args) -> int:
     return 0
 
 
+def devices_main(args) -> int:
+    """`--devices N`: the hand step on the first 1..N devices, interleaved rounds."""
+    # XLA reads the host device count when its backend starts: nothing has computed yet.
+    os.environ["XLA_FLAGS"] = runtime.with_xla_flags(
+        os.environ.get("XLA_FLAGS", ""),
+        (f"--xla_force_host_platform_device_count={args.devices}",))
+    import jax
+    from jaxbp.app import parallel
+    from jaxbp.registry import HAND
+    started, load_before = time.strftime("%Y-%m-%d %H:%M:%S"), machine_load()
+    rows = []
+    for name in args.models:
+        for batch in args.batches:
+            cfg, model, images, labels = setup_jax_case(name, batch)
+            candidates = {n: JaxCandidate(model, HAND, cfg.optimizer.learning_rate, images,
+                                          labels, parallel.make_mesh(parallel.local_devices(n)))
+                          for n in range(1, args.devices + 1) if batch % n == 0}
+            for n, rounds in time_rounds(candidates, args.rounds, args.warmup).items():
+                entry = summary(rounds)
+                rows.append({"model": name, "batch": batch, "devices": n,
+                             "median_ms": entry["median_ms"],
+                             "images_per_second": batch / (entry["median_ms"] * 1e-3)})
+                print(f"{name} batch {batch} on {n} device(s): {entry['median_ms']:.2f} ms, "
+                      f"{rows[-1]['images_per_second']:.0f} img/s", flush=True)
+    report = {"started": started, "device": str(jax.devices()[0].device_kind),
+              "cpu_count": os.cpu_count(), "rows": rows, "load_before": load_before,
+              "load_after": machine_load()}
+    lines = [f"# One training step on 1..{args.devices} devices ({started}, "
+             f"{report['device']}, {report['cpu_count']} CPUs)", "",
+             "| model | batch | devices | ms/step | images/s |", "|---|---|---|---|---|",
+             *(f"| {r['model']} | {r['batch']} | {r['devices']} | {r['median_ms']:.2f} | "
+               f"{r['images_per_second']:.0f} |" for r in rows), "",
+             f"Load before: {json.dumps(load_before)}",
+             f"Load after: {json.dumps(report['load_after'])}"]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench-devices.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "bench-devices.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 0
+
+
 def child_main(args) -> int:
     """Times hand and autodiff with whatever settings this process was started with."""
     results = [measure_case(m, b, args, None, False) for m in args.models for b in args.batches]
@@ -719,6 +774,8 @@ def main(argv=None) -> int:
         return library_child_main(args)
     if args.time_to_accuracy:
         return time_to_accuracy_main(args)
+    if args.devices:
+        return devices_main(args)
     applied = runtime.applied()  # by `import jaxbp`, before any JAX computation
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = machine_load()

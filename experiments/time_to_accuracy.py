@@ -43,7 +43,7 @@ def _epochs_to_target(train_epoch: Callable[[int], None], evaluate: Callable[[],
 
 def run_jaxbp(exp, target: float) -> dict:
     import jax.numpy as jnp
-    from jaxbp.app import train
+    from jaxbp.app import parallel, train
     from jaxbp.app.experiment import initial_state, steps_per_epoch
     from jaxbp.app.optim import make_optimizer
     from jaxbp.app.steps import make_eval_step, make_train_step
@@ -51,16 +51,20 @@ def run_jaxbp(exp, target: float) -> dict:
     start = time.perf_counter()
     steps = steps_per_epoch(exp)
     optimizer = make_optimizer(cfg.optimizer, steps, cfg.train.epochs)
-    state = {"s": initial_state(exp.model, optimizer, cfg.train.seed, jnp.float32)}
-    step = make_train_step(exp.model, optimizer, jnp.float32, seed=cfg.train.seed)
-    eval_step = make_eval_step(exp.model, jnp.float32)
+    mesh = parallel.make_mesh(parallel.local_devices(1))  # one device, as the others run
+    state = {"s": parallel.replicate(
+        initial_state(exp.model, optimizer, cfg.train.seed, jnp.float32), mesh)}
+    on_all = parallel.replicated(mesh)
+    step = make_train_step(exp.model, optimizer, jnp.float32, seed=cfg.train.seed,
+                           out_sharding=on_all)
+    eval_step = make_eval_step(exp.model, jnp.float32, on_all)
 
     def train_epoch(epoch):
-        state["s"] = train.train_epoch(step, state["s"], exp, epoch, steps)[0]
+        state["s"] = train.train_epoch(step, state["s"], exp, epoch, steps, mesh)[0]
 
     def evaluate():
         return train.evaluate(eval_step, state["s"].params, state["s"].model_state, exp.test,
-                              cfg.data.batch_size, jnp.float32)[1]
+                              cfg.data.batch_size, jnp.float32, mesh)[1]
 
     return _epochs_to_target(train_epoch, evaluate, cfg.train.epochs, target, start)
 

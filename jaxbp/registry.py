@@ -38,6 +38,8 @@ import inspect
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple
 
+import jax
+
 from jaxbp.schema import REQUIRED, Check, ConfigError, Key, check_mapping
 
 __all__ = ["Primitive", "Ops", "HAND", "REFERENCE", "RegistryError", "register_layer",
@@ -49,6 +51,30 @@ class RegistryError(ValueError):
 
 
 _ANY = Check(lambda path, value: value, "any value")
+
+
+def _varying_axes(array) -> frozenset:
+    """The `jax.shard_map` mesh axes over which `array` differs between devices (its type's
+    varying manual axes: `vma` up to jax 0.7, `manual_axis_type.varying` since); empty
+    outside shard_map."""
+    aval = jax.typeof(array)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(aval, "vma", None) or getattr(manual, "varying", ()))
+
+
+def varying_like(x, array):
+    """`array` (a parameter; None passes) marked as varying as `x` inside `jax.shard_map`.
+
+    A hand rule's backward sums a parameter's delta over the local batch only, so the delta
+    varies like `x`; `jax.custom_vjp` requires it to have its primal's type. Marked varying
+    (`lax.pcast(..., to="varying")`) before the rule, the parameter's gradient is summed over
+    the devices where the mark is transposed, once, as JAX sums the gradient of any replicated
+    input (a psum of one's own on top would count it N times). Outside shard_map, unchanged.
+    """
+    if array is None:
+        return None
+    missing = tuple(sorted(_varying_axes(x) - _varying_axes(array)))
+    return jax.lax.pcast(array, missing, to="varying") if missing else array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -105,7 +131,7 @@ class Primitive:
              hyperparameters: Mapping[str, Any], key=None):
         """`function(x, *params, **its hyperparameters)`: `function` is `hand`, `reference`
         or a replacement of them with the same signature; a random layer gets `key` too."""
-        arrays = [params.get(name) for name, _ in self.params]
+        arrays = [varying_like(x, params.get(name)) for name, _ in self.params]
         extra = {"key": key} if self.random else {}
         return function(x, *arrays, **_taken_by(function, hyperparameters, self.hand), **extra)
 

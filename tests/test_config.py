@@ -64,7 +64,7 @@ def test_shipped_config_validates_to_itself_and_round_trips(path, tmp_path):
 def test_defaults_are_filled():
     cfg = validate_config(copy.deepcopy(BASE))
     assert cfg["train"] == {"epochs": 10, "seed": 0, "precision": "float32", "eval_every": 1,
-                            "checkpoint_every": 1}
+                            "checkpoint_every": 1, "devices": None}
     assert cfg["optimizer"]["schedule"] == {"name": "constant"}
     assert cfg["data"]["batch_size"] == 128 and cfg["data"]["normalize"] == "standardize"
     conv = cfg["model"]["layers"][0]

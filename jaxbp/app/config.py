@@ -73,7 +73,11 @@ Unknown keys are errors.
     train:
       epochs [10], seed [0], precision [float32] | float64,
       eval_every [1] (epochs between test evaluations),
-      checkpoint_every [1] (epochs between checkpoints; 0: none)
+      checkpoint_every [1] (epochs between checkpoints; 0: none),
+      devices [null]: how many local devices train and evaluate, data parallel
+        (null: all of them; N: the first N; 1: one). data.batch_size is the
+        global batch, split evenly over them (it must be a multiple of N); the
+        batches and the numbers are those of one device
 
 `load_config` checks all of this once and returns a read-only, typed `Config` (its
 sections read by attribute: `cfg.data.batch_size`, `cfg.model.layers[0].type`). Shape checks that need the data set's shape
@@ -188,6 +192,7 @@ TRAIN = {
     "precision": Key(choice(("float32", "float64"), "precision"), "float32"),
     "eval_every": Key(POSITIVE_INT, 1),
     "checkpoint_every": Key(integer(lambda v: v >= 0, "an integer >= 0"), 1),
+    "devices": Key(optional(POSITIVE_INT), None),
 }
 
 
@@ -363,6 +368,7 @@ class TrainConfig(Section):
     precision: str
     eval_every: int
     checkpoint_every: int
+    devices: Optional[int]
 
 
 class Config(Section):

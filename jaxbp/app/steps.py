@@ -4,6 +4,10 @@ the forward runs once for the loss and the score, then the optax update) and eva
 Running totals (loss sum, score sum: correct answers, or squared reconstruction errors) stay
 on the device; the host reads them once per
 epoch. The state and the totals are donated. The step is deterministic on CPU.
+
+Both steps are written for one global batch; over several devices (`jaxbp.app.parallel`)
+they are the same programs, given a replicated state and a batch split over the devices,
+and told to leave the new state and totals replicated (`out_sharding`).
 """
 from __future__ import annotations
 
@@ -60,13 +64,19 @@ def training_loss(model, ops=HAND, seed: int = 0, dtype=jnp.float32) -> Callable
     return loss
 
 
+def _jit(fn: Callable, donate: tuple, out_sharding) -> Callable:
+    """jit with `donate` donated and, unless None, every output placed by `out_sharding`."""
+    placed = {} if out_sharding is None else {"out_shardings": out_sharding}
+    return jax.jit(fn, donate_argnums=donate, **placed)
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, dtype,
-                    ops=HAND, seed: int = 0) -> Callable:
+                    ops=HAND, seed: int = 0, out_sharding=None) -> Callable:
     """jit(state, totals, images, labels) -> (state, totals), with state and totals donated;
     `ops` the primitives to run through (the hand rules; the benchmark also times others),
-    `seed` the run's, for the dropout keys."""
+    `seed` the run's, for the dropout keys; `out_sharding` where the new state and totals
+    live (None: where jit puts them, on the inputs' device)."""
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(state: TrainState, totals: Totals, images, labels):
         images = images.astype(dtype)
         (loss, (outputs, model_state)), grads = jax.value_and_grad(model.loss, has_aux=True)(
@@ -78,21 +88,21 @@ def make_train_step(model, optimizer: optax.GradientTransformation, dtype,
         return (TrainState(params, opt_state, model_state, state.step + 1),
                 Totals(totals.loss + loss, totals.score + score))
 
-    return train_step
+    return _jit(train_step, (0, 1), out_sharding)
 
 
-def make_eval_step(model, dtype) -> Callable:
-    """jit(params, model_state, totals, images, labels) -> totals; totals donated.
-    Evaluation mode: batch norm uses its running statistics, dropout keeps everything."""
+def make_eval_step(model, dtype, out_sharding=None) -> Callable:
+    """jit(params, model_state, totals, images, labels) -> totals; totals donated, placed by
+    `out_sharding` as in `make_train_step`. Evaluation mode: batch norm uses its running
+    statistics, dropout keeps everything."""
 
-    @functools.partial(jax.jit, donate_argnums=(2,))
     def eval_step(params, model_state, totals: Totals, images, labels):
         images = images.astype(dtype)
         loss, (outputs, _) = model.loss(params, images, labels, ops=HAND, state=model_state)
         score = model.score(outputs, images, labels).astype(totals.score.dtype)
         return Totals(totals.loss + loss * images.shape[0], totals.score + score)
 
-    return eval_step
+    return _jit(eval_step, (2,), out_sharding)
 
 
 @jax.jit

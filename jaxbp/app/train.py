@@ -2,7 +2,9 @@
 examples/mnist.
 
 `train` is the thin driver: the experiment (`jaxbp.app.experiment`), the jitted steps
-(`jaxbp.app.steps`), the run folder (`jaxbp.app.rundir`, `checkpoint`, `report`).
+(`jaxbp.app.steps`), the devices (`jaxbp.app.parallel`: all local ones by default, the state
+replicated, each batch split over them), the run folder (`jaxbp.app.rundir`, `checkpoint`,
+`report`).
 
 Reproducibility: initial parameters depend only on `train.seed`, the batch order
 only on (`train.seed`, epoch), and the step is deterministic on CPU. A resumed
@@ -18,9 +20,10 @@ from typing import Callable, Mapping
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxbp.app import checkpoint, data, report, rundir
+from jaxbp.app import checkpoint, data, parallel, report, rundir
 from jaxbp.app.config import dump_config
 from jaxbp.app.experiment import (Experiment, RunError, build, initial_state, parameter_count,
                                   setup, steps_per_epoch, use_precision)
@@ -37,14 +40,16 @@ class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite; the run stopped before saving that epoch."""
 
 
-def evaluate(eval_step: Callable, params, model_state, split, batch_size: int, dtype
-             ) -> tuple[float, float]:
-    """(mean loss, metric) over the whole split, in order, the last batch possibly smaller."""
-    totals = zero_totals(dtype)
-    for images, labels in data.epoch_batches(split, batch_size, 0, 0, shuffle=False,
-                                             drop_remainder=False):
-        totals = eval_step(params, model_state, totals, jax.device_put(images),
-                           jax.device_put(labels))
+def evaluate(eval_step: Callable, params, model_state, split, batch_size: int, dtype,
+             mesh: Mesh) -> tuple[float, float]:
+    """(mean loss, metric) over the whole split, in order, the last batch possibly smaller;
+    `params` and `model_state` replicated on `mesh`, each batch split over its devices (a
+    remainder the devices do not divide runs whole on each)."""
+    totals = parallel.replicate(zero_totals(dtype), mesh)
+    for batch in data.epoch_batches(split, batch_size, 0, 0, shuffle=False,
+                                    drop_remainder=False):
+        for images, labels in parallel.put_batch(*batch, mesh):
+            totals = eval_step(params, model_state, totals, images, labels)
     loss, score = jax.device_get(totals)
     n = len(split.labels)
     return float(loss) / n, float(score) / n
@@ -62,13 +67,16 @@ def reconstruct(exp: Experiment, state: TrainState, count: int):
     return np.reshape(np.asarray(images), shape), np.reshape(np.asarray(outputs), shape)
 
 
-def compile_train_step(step: Callable, state: TrainState, exp: Experiment) -> Callable:
-    """Compiles `step` ahead of time for the train batches, so epoch 1's timing excludes it."""
-    batch_size = exp.cfg.data.batch_size
+def compile_train_step(step: Callable, state: TrainState, exp: Experiment, mesh: Mesh
+                       ) -> Callable:
+    """Compiles `step` ahead of time for the train batches split over `mesh` (`state`
+    replicated on it), so epoch 1's timing excludes it."""
+    batch_size, sharded = exp.cfg.data.batch_size, parallel.batch_sharded(mesh)
     images = jax.ShapeDtypeStruct((batch_size, *exp.train.images.shape[1:]),
-                                  exp.train.images.dtype)
-    labels = jax.ShapeDtypeStruct((batch_size,), exp.train.labels.dtype)
-    return step.lower(state, zero_totals(exp.dtype), images, labels).compile()
+                                  exp.train.images.dtype, sharding=sharded)
+    labels = jax.ShapeDtypeStruct((batch_size,), exp.train.labels.dtype, sharding=sharded)
+    totals = parallel.replicate(zero_totals(exp.dtype), mesh)
+    return step.lower(state, totals, images, labels).compile()
 
 
 def _refresh_every(steps: int) -> int:
@@ -76,16 +84,16 @@ def _refresh_every(steps: int) -> int:
 
 
 def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
-                steps: int, augment: data.Augment = data.Augment()
+                steps: int, mesh: Mesh, augment: data.Augment = data.Augment()
                 ) -> tuple[TrainState, float, float, float]:
     """One pass over the shuffled (and augmented) train split: (state, mean loss, metric,
-    seconds).
+    seconds); `state` replicated on `mesh`, each batch split over its devices.
 
     The progress bar (stderr, only on a terminal) is the only reason to read the
     totals before the epoch ends; a non-finite running loss ends the epoch early.
     """
     batch_size = exp.cfg.data.batch_size
-    totals = zero_totals(exp.dtype)
+    totals = parallel.replicate(zero_totals(exp.dtype), mesh)
     start = time.perf_counter()
     bar = tqdm(total=steps * batch_size, desc=f"epoch {epoch}", unit="img", leave=False,
                file=sys.stderr, disable=not sys.stderr.isatty())
@@ -95,7 +103,7 @@ def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
         batches = data.augmented(data.epoch_batches(exp.train, batch_size, seed, epoch),
                                  augment, seed, epoch)
         for i, (images, labels) in enumerate(batches, 1):
-            state, totals = step(state, totals, jax.device_put(images), jax.device_put(labels))
+            state, totals = step(state, totals, *parallel.shard_batch((images, labels), mesh))
             if not bar.disable and (i % refresh == 0 or i == steps):
                 loss, score = jax.device_get(totals)
                 bar.update((i - done) * batch_size)
@@ -111,25 +119,28 @@ def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
 
 
 def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, steps: int,
-        out_dir: str, echo: Callable) -> tuple[TrainState, list[dict], float]:
-    """Trains the epochs after `records`; returns the state, all records and the compile time."""
+        out_dir: str, echo: Callable, mesh: Mesh) -> tuple[TrainState, list[dict], float]:
+    """Trains the epochs after `records` on the devices of `mesh`; returns the state (on
+    them), all records and the compile time."""
     tcfg, batch_size = exp.cfg.train, exp.cfg.data.batch_size
+    state, on_all = parallel.replicate(state, mesh), parallel.replicated(mesh)
     start = time.perf_counter()
     train_step = compile_train_step(
-        make_train_step(exp.model, optimizer, exp.dtype, seed=tcfg.seed), state, exp)
+        make_train_step(exp.model, optimizer, exp.dtype, seed=tcfg.seed, out_sharding=on_all),
+        state, exp, mesh)
     compile_time = time.perf_counter() - start
-    eval_step = make_eval_step(exp.model, exp.dtype)
+    eval_step = make_eval_step(exp.model, exp.dtype, on_all)
     augment = data.Augment.of(exp.cfg.data.augment, exp.train)
     with checkpoint.CheckpointWriter(out_dir) as writer:
         for epoch in range(len(records) + 1, tcfg.epochs + 1):
             state, loss, train_metric, seconds = train_epoch(train_step, state, exp, epoch,
-                                                             steps, augment)
+                                                             steps, mesh, augment)
             if not (np.isfinite(loss) and all_finite((state.params, state.model_state))):
                 raise NonFiniteLoss(rundir.divergence_message(loss, epoch, out_dir))
             test = None
             if rundir.evaluates(tcfg, epoch):
                 test = evaluate(eval_step, state.params, state.model_state, exp.test,
-                                batch_size, exp.dtype)
+                                batch_size, exp.dtype, mesh)
             records.append(report.epoch_record(epoch, loss, train_metric, test, seconds,
                                                steps * batch_size, exp.model.metric))
             echo(report.format_epoch(records[-1], tcfg.epochs))
@@ -140,7 +151,7 @@ def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, step
             report.write_metrics(out_dir, records)
     if records[-1]["test_loss"] is None:  # resumed at or past the end, never evaluated
         test_loss, test_metric = evaluate(eval_step, state.params, state.model_state,
-                                          exp.test, batch_size, exp.dtype)
+                                          exp.test, batch_size, exp.dtype, mesh)
         records[-1] = dict(records[-1], test_loss=test_loss,
                            **{f"test_{exp.model.metric}": test_metric})
     return state, records, compile_time
@@ -153,6 +164,8 @@ def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = pri
     whose checkpoints are all damaged included; NonFiniteLoss when the loss diverges
     (checkpoints of earlier epochs kept).
     """
+    mesh = parallel.make_mesh(parallel.local_devices(cfg.train.devices))
+    parallel.check_batch_size(cfg.data.batch_size, mesh)
     exp = setup(cfg)
     choice = rundir.check_run_dir(out_dir, resume)
     latest = choice.epoch
@@ -177,11 +190,14 @@ def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = pri
     os.makedirs(out_dir, exist_ok=True)
     report.write_atomic(os.path.join(out_dir, report.CONFIG_FILE), dump_config(cfg))
 
-    state, records, compile_time = fit(exp, state, records, optimizer, steps, out_dir, echo)
+    state, records, compile_time = fit(exp, state, records, optimizer, steps, out_dir, echo,
+                                       mesh)
     summary = report.summarize(records, steps=records[-1]["epoch"] * steps,
                                precision=cfg.train.precision,
                                parameters=parameter_count(state.params),
-                               compile_time_s=compile_time)
+                               compile_time_s=compile_time,
+                               devices=parallel.device_count(mesh),
+                               processes=jax.process_count())
     report.write_summary(out_dir, summary)
     report.plot_curves(records, os.path.join(out_dir, report.CURVES_FILE))
     metric = exp.model.metric
@@ -197,6 +213,7 @@ def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = pri
 def evaluate_checkpoint(cfg: Mapping, run_dir: str, echo: Callable = print) -> dict:
     """Test loss and metric of the newest intact checkpoint in `run_dir` under the config's
     model; says which damaged ones it skipped (none is moved or deleted)."""
+    mesh = parallel.make_mesh(parallel.local_devices(cfg.train.devices))
     exp = setup(cfg, splits=("test",))
     choice = rundir.usable_checkpoint(run_dir)
     if choice.epoch is None:
@@ -211,7 +228,8 @@ def evaluate_checkpoint(cfg: Mapping, run_dir: str, echo: Callable = print) -> d
     abstract_state = jax.eval_shape(lambda: exp.model.init_state(exp.dtype))
     restored = rundir.restore(run_dir, choice.epoch, abstract,
                               abstract_model_state=abstract_state)
-    eval_step = make_eval_step(exp.model, exp.dtype)
-    loss, value = evaluate(eval_step, restored.params, restored.model_state, exp.test,
-                           cfg.data.batch_size, exp.dtype)
+    eval_step = make_eval_step(exp.model, exp.dtype, parallel.replicated(mesh))
+    params, model_state = parallel.replicate((restored.params, restored.model_state), mesh)
+    loss, value = evaluate(eval_step, params, model_state, exp.test, cfg.data.batch_size,
+                           exp.dtype, mesh)
     return {"epoch": choice.epoch, "test_loss": loss, f"test_{exp.model.metric}": value}
