@@ -4,8 +4,9 @@
     jaxbp eval CONFIG --checkpoint DIR [--set KEY=VALUE]...
     jaxbp check CONFIG [--set KEY=VALUE]... [--out DIR]
     jaxbp data prepare NAME [--set data.KEY=VALUE]...
+    jaxbp explain --example NAME [--out DIR]
 
-DIR defaults to runs/<config file name without extension>.
+DIR defaults to runs/<config file name without extension> (runs/explain-NAME for explain).
 
 Exit codes: 0 success; 1 `check` found a gradient that disagrees with jax.grad;
 2 unusable input (bad option, config, data, model shapes, or a run folder that
@@ -29,6 +30,8 @@ from jaxbp.app.check import run_check
 from jaxbp.app.checkpoint import CHECKPOINT_DIR
 from jaxbp.app.config import DATA, ConfigError, apply_override, load_config
 from jaxbp.app.data import DataError
+from jaxbp.app.explain import UnknownExample, write_example_page
+from jaxbp.app.explain.examples import EXAMPLES
 from jaxbp.schema import check_mapping
 from jaxbp.app.train import NonFiniteLoss, RunError, evaluate_checkpoint, train
 
@@ -81,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--set", dest="overrides", action="append", default=[],
                          metavar="data.KEY=VALUE", help="e.g. data.dir=/path/to/idx/files")
     prepare.set_defaults(handler=cmd_data_prepare)
+
+    explain = commands.add_parser(
+        "explain", help="a source text's worked example as one offline HTML page",
+        description="Renders a source text's small worked example (symbols and the hand rule's "
+                    "numbers) as DIR/explain.html and prints its path. Only the worked examples "
+                    "exist so far; a page for a config's own network is not built yet.")
+    explain.add_argument("--example", metavar="NAME", required=True,
+                         help=f"one of: {', '.join(sorted(EXAMPLES))}")
+    explain.add_argument("--out", metavar="DIR", help="where explain.html goes "
+                                                      "(default: runs/explain-NAME)")
+    explain.set_defaults(handler=cmd_explain)
     return parser
 
 
@@ -123,6 +137,12 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    print(write_example_page(args.example, args.out or os.path.join("runs",
+                                                                    f"explain-{args.example}")))
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.strerror or exc}: {exc.filename}"
@@ -134,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, DataError, RunError, OSError) as exc:
+    except (ConfigError, DataError, RunError, UnknownExample, OSError) as exc:
         print(f"jaxbp: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLoss as exc:
