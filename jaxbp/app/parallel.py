@@ -36,6 +36,7 @@ from jaxbp.schema import ConfigError
 
 AXIS = "data"
 
+
 def local_devices(count: Optional[int] = None) -> list:
     """The first `count` local devices (None: all of them).
 
@@ -47,7 +48,7 @@ def local_devices(count: Optional[int] = None) -> list:
         return devices
     if count > len(devices):
         raise RunError(f"train.devices={count}, but this process has only {len(devices)} "
-                          f"{devices[0].platform} device(s) (null uses all of them)")
+                       f"{devices[0].platform} device(s) (null uses all of them)")
     return devices[:count]
 
 
