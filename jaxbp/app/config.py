@@ -31,6 +31,9 @@ Unknown keys are errors.
         channel_max: group_size REQUIRED (max over runs of that many channels)
         leaky_relu: negative_slope [0.01]
         upsample: factor REQUIRED (int or list); layer_norm: eps [1e-5]
+        batch_norm: momentum [0.9] (the running statistics keep that much of
+          their old value each step), eps [1e-5]
+        dropout: rate REQUIRED, in [0, 1)
         flatten, global_avg_pool, sigmoid, tanh, relu, softmax: no keys
         residual: layers REQUIRED (a list of layers: the main path), shortcut
           [[]: the identity] (a list of layers); the block outputs
