@@ -87,12 +87,6 @@ class Model(NamedTuple):
     def metric(self) -> str:
         return "accuracy" if self.target == "labels" else "reconstruction_error"
 
-    @property
-    def has_state(self) -> bool:
-        """Whether any layer keeps state (batch norm's running statistics)."""
-        return bool(jax.tree_util.tree_leaves(
-            jax.eval_shape(lambda: self.init_state(jnp.float32))))
-
 
 def _is_default(key: str, value: Any, spec) -> bool:
     """Whether a checked value is its key's default (checked the same way)."""
