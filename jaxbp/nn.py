@@ -45,7 +45,7 @@ from jaxbp.schema import REQUIRED
 Shape = Tuple[int, ...]
 
 __all__ = [
-    "Ops", "HAND", "REFERENCE", "Layer", "layer", "serial", "residual", "Conv", "MaxPool",
+    "Ops", "HAND", "REFERENCE", "Layer", "layer", "abstract_init", "serial", "residual", "Conv", "MaxPool",
     "AvgPool", "ChannelMax", "Dense", "Flatten", "Sigmoid", "Tanh", "Relu", "LeakyRelu",
     "Softmax", "initializer", "constant", "glorot_normal", "glorot_uniform", "he_normal",
     "he_uniform", "lecun_normal", "lecun_uniform", "normal", "ones", "truncated_normal",
@@ -84,17 +84,17 @@ def _output_shape(apply: Callable, params, input_shape: Shape, dtype) -> Shape:
                                 params, example, key).shape[1:])
 
 
-def _next_shape(layer: Layer, input_shape: Shape, dtype) -> Shape:
-    """A layer's output shape, from an abstract init (nothing drawn)."""
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+def abstract_init(layer: Layer, input_shape: Sequence[int], dtype=jnp.float32):
+    """`(output_shape, params)` of `layer.init` evaluated abstractly: the params as
+    `jax.ShapeDtypeStruct`s, nothing drawn; the layer's own checks run."""
     out = {}
 
     def init(rng):
-        out["shape"], params = layer.init(rng, input_shape, dtype)
+        out["shape"], params = layer.init(rng, tuple(input_shape), dtype)
         return params
 
-    jax.eval_shape(init, key)
-    return out["shape"]
+    params = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return out["shape"], params
 
 
 def _key_for(rng, index: int):
@@ -188,7 +188,7 @@ def serial(*layers: Layer) -> Layer:
         shape, state = tuple(input_shape), []
         for each in layers:
             state.append(each.init_state(shape, dtype))
-            shape = _next_shape(each, shape, dtype)
+            shape = abstract_init(each, shape, dtype)[0]
         return state
 
     def apply(params, x, ops: Ops = HAND, *, train: bool = False, rng=None, state=None):

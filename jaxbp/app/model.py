@@ -139,31 +139,24 @@ def _trace(items: Sequence[LayerConfig], input_shape: Shape, path: str = ""
     """Summary rows (a block's own row, then its layers') and the output shape, from
     abstract inits; a layer that rejects its input becomes a ConfigError naming it."""
     rows, shape = [], input_shape
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     prefix = f"{path}." if path else ""
     for i, item in enumerate(items):
         here = f"{prefix}{i}"
         row = SummaryRow(here, item.type, _describe(item), shape, (), {})
         layer = _build_layer(item, here, row.where)
-        out = {}
-
-        def abstract_init(rng, layer=layer, shape=shape, out=out):
-            out["shape"], params = layer.init(rng, shape)
-            return params
-
         try:
-            params = jax.eval_shape(abstract_init, key)
+            output_shape, params = nn.abstract_init(layer, shape)
         except LayerArgumentError as err:
             raise ConfigError(f"{row.where} ({item.type}): input of shape {shape}: "
                               f"{err}") from None
         if item.type == RESIDUAL:
             inner = [_trace(item.layers, shape, f"{here}.layers")[0],
                      _trace(item.shortcut, shape, f"{here}.shortcut")[0]]
-            rows += [row._replace(output_shape=out["shape"]), *inner[0], *inner[1]]
+            rows += [row._replace(output_shape=output_shape), *inner[0], *inner[1]]
         else:
-            rows.append(row._replace(output_shape=out["shape"], param_shapes={
+            rows.append(row._replace(output_shape=output_shape, param_shapes={
                 name: tuple(p.shape) for name, p in params.items()}))
-        shape = out["shape"]
+        shape = output_shape
     return tuple(rows), shape
 
 
