@@ -660,6 +660,9 @@ def parse_args(argv=None):
                         help="wall time to --target test accuracy: jaxbp's CLI step, Flax and "
                              "PyTorch, same data and recipe (default config: lenet5); writes "
                              "time_to_accuracy.{json,md}")
+    parser.add_argument("--epoch-overhead", nargs="?", const="lenet5", metavar="CONFIG",
+                        help="where an epoch of `jaxbp train` goes against steps x the step "
+                             "time (default config: lenet5); --rounds rounds")
     parser.add_argument("--target", type=float, default=0.91,
                         help="test accuracy for --time-to-accuracy (default 0.91)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -711,6 +714,31 @@ def time_to_accuracy_main(args) -> int:
              *(f"- {note}" for note in notes)]
     text = "\n".join(lines).rstrip() + "\n"
     with open(os.path.join(args.out, "time_to_accuracy.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+def epoch_overhead_main(args) -> int:
+    """`--epoch-overhead`: see experiments/epoch_overhead.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import epoch_overhead
+    started, load_before = time.strftime("%Y-%m-%d %H:%M:%S"), machine_load()
+    result = epoch_overhead.run(config_path(args.epoch_overhead), args.overrides, args.rounds)
+    command = [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]
+    report = {"started": started, "command": command, "config": args.epoch_overhead,
+              "overrides": args.overrides, "rounds": args.rounds, "load_before": load_before,
+              "load_after": machine_load(), **result}
+    lines = [f"# Where an epoch goes ({started}, {os.cpu_count()} CPUs)", "",
+             f"`{' '.join(command)}`; median of {args.rounds} interleaved rounds.", "",
+             *epoch_overhead.markdown(result, args.epoch_overhead), "",
+             f"Load before: {json.dumps(load_before)}",
+             f"Load after: {json.dumps(report['load_after'])}"]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "epoch_overhead.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "epoch_overhead.md"), "w") as f:
         f.write(text)
     print(text)
     return 0
@@ -776,6 +804,8 @@ def main(argv=None) -> int:
         return time_to_accuracy_main(args)
     if args.devices:
         return devices_main(args)
+    if args.epoch_overhead:
+        return epoch_overhead_main(args)
     applied = runtime.applied()  # by `import jaxbp`, before any JAX computation
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = machine_load()
