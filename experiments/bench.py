@@ -759,7 +759,7 @@ def devices_main(args) -> int:
         for batch in args.batches:
             cfg, model, images, labels = setup_jax_case(name, batch)
             candidates = {n: JaxCandidate(model, HAND, cfg.optimizer.learning_rate, images,
-                                          labels, parallel.make_mesh(parallel.local_devices(n)))
+                                          labels, parallel.make_mesh(parallel.mesh_devices(n)))
                           for n in range(1, args.devices + 1) if batch % n == 0}
             for n, rounds in time_rounds(candidates, args.rounds, args.warmup).items():
                 entry = summary(rounds)

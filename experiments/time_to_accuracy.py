@@ -51,7 +51,7 @@ def run_jaxbp(exp, target: float) -> dict:
     start = time.perf_counter()
     steps = steps_per_epoch(exp)
     optimizer = make_optimizer(cfg.optimizer, steps, cfg.train.epochs)
-    mesh = parallel.make_mesh(parallel.local_devices(1))  # one device, as the others run
+    mesh = parallel.make_mesh(parallel.mesh_devices(1))  # one device, as the others run
     state = {"s": parallel.replicate(
         initial_state(exp.model, optimizer, cfg.train.seed, jnp.float32), mesh)}
     on_all = parallel.replicated(mesh)

@@ -85,7 +85,7 @@ def rule_errors() -> dict:
     """
     jax.config.update("jax_enable_x64", True)
     model = build_model(validate_model(RULES_MODEL, LOSS), LOSS, (12, 12, 1), 10)
-    mesh = parallel.make_mesh(parallel.local_devices())
+    mesh = parallel.make_mesh(parallel.mesh_devices())
     n = parallel.device_count(mesh)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(PER_DEVICE * n, 12, 12, 1)))

@@ -318,6 +318,12 @@ def test_images_travel_with_their_labels():
         np.testing.assert_array_equal(images[:, :, 0], np.repeat(labels, 3).reshape(-1, 3))
 
 
+def test_a_process_reads_its_rows_of_every_batch():
+    split = counting_split(50)
+    whole = batch_labels(split, 8, seed=1, epoch=2)
+    assert batch_labels(split, 8, seed=1, epoch=2, rows=slice(4, 8)) == [b[4:] for b in whole]
+
+
 @pytest.mark.parametrize("n, batch_size", [(50, 8), (48, 8), (5, 8), (1, 1)])
 def test_every_example_once_without_dropping(n, batch_size):
     batches = batch_labels(counting_split(n), batch_size, seed=3, epoch=2, drop_remainder=False)

@@ -21,7 +21,7 @@ from jaxbp import layers, nn, reference
 from jaxbp.app import checkpoint, report
 from jaxbp.app.config import ConfigError, load_config, validate_model
 from jaxbp.app.data import Augment, augmented
-from jaxbp.app.data.augment import random_crop, random_flip
+from jaxbp.app.data.augment import crop, flip
 from jaxbp.app.model import build_model, format_summary
 from jaxbp.app.steps import step_key
 from jaxbp.app.train import build, use_precision
@@ -211,17 +211,26 @@ def test_augmentation_is_a_function_of_seed_and_epoch():
     assert first[0].shape == images.shape
 
 
-def test_random_crop_is_a_window_of_the_padded_image_and_flip_mirrors():
+def test_crop_takes_its_window_of_the_padded_image_and_flip_mirrors():
     images = np.arange(2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5, 1)
-    cropped = random_crop(images, 1, -1.0, np.random.default_rng(0))
+    cropped = crop(images, 1, -1.0, np.array([[0, 2], [1, 0]]))
     padded = np.pad(images, [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=-1.0)
-    for n in range(2):
-        windows = [padded[n, i:i + 4, j:j + 5] for i in range(3) for j in range(3)]
-        assert any(np.array_equal(cropped[n], w) for w in windows)
-    flipped = random_flip(images, np.random.default_rng(3))
-    for n in range(2):
-        assert (np.array_equal(flipped[n], images[n, :, ::-1])
-                or np.array_equal(flipped[n], images[n]))
+    np.testing.assert_array_equal(cropped[0], padded[0, 0:4, 2:7])
+    np.testing.assert_array_equal(cropped[1], padded[1, 1:5, 0:5])
+    flipped = flip(images, np.array([True, False]))
+    np.testing.assert_array_equal(flipped[0], images[0, :, ::-1])
+    np.testing.assert_array_equal(flipped[1], images[1])
+
+
+def test_a_process_part_is_augmented_as_in_the_whole_batch():
+    """A process holding rows 4..11 of a global batch of 16 draws for all 16."""
+    images = np.random.default_rng(0).standard_normal((16, 6, 5, 1)).astype(np.float32)
+    augment = Augment(crop_padding=2, flip=True, background=-9.0)
+    whole = [b for b, _ in augmented([(images, images)] * 2, augment, 0, 1)]
+    part = [b for b, _ in augmented([(images[4:12], images[4:12])] * 2, augment, 0, 1,
+                                    batch_size=16, rows=slice(4, 12))]
+    for w, p in zip(whole, part):
+        np.testing.assert_array_equal(p, w[4:12])
 
 
 # ---------------------------------------------------------------- through the CLI

@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxbp.app import manifest
+from jaxbp.app import distributed, manifest
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP = 3
@@ -107,7 +107,8 @@ def choose(run_dir: str) -> Choice:
 
 class CheckpointWriter:
     """Saves one checkpoint per call with its manifest, keeping the newest `KEEP`; use as a
-    context manager."""
+    context manager. In a multi-process run every process saves (and so reads) the same
+    folder, which must be one they all see."""
 
     def __init__(self, run_dir: str):
         self._run_dir = run_dir
@@ -120,7 +121,10 @@ class CheckpointWriter:
             items["model_state"] = ocp.args.StandardSave(model_state)
         saved = self._manager.save(epoch, args=ocp.args.Composite(**items))
         self._manager.wait_until_finished()
-        if saved:  # orbax skips an epoch not newer than its latest: bless no older bytes
+        # Orbax skips an epoch not newer than its latest: bless no older bytes. Every process
+        # saves (orbax writing each one's part, process 0 committing); the save returns once
+        # the step is committed, and one process lists it.
+        if saved and distributed.is_primary():
             manifest.write(step_dir(self._run_dir, epoch))
 
     def close(self) -> None:

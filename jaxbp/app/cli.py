@@ -1,6 +1,8 @@
 """The `jaxbp` command (also `python -m jaxbp`).
 
     jaxbp train CONFIG [--set KEY=VALUE]... [--out DIR] [--resume]
+                [--coordinator HOST:PORT --num-processes P --process-id I
+                 [--coordinator-timeout SECONDS]]
     jaxbp eval CONFIG --checkpoint DIR [--set KEY=VALUE]...
     jaxbp check CONFIG [--set KEY=VALUE]... [--out DIR]
     jaxbp data prepare NAME [--set data.KEY=VALUE]...
@@ -25,7 +27,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from jaxbp.app import data
+from jaxbp.app import data, distributed
 from jaxbp.app.check import run_check
 from jaxbp.app.checkpoint import CHECKPOINT_DIR
 from jaxbp.app.config import DATA, ConfigError, apply_override, load_config
@@ -61,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="DIR", help="run folder (default: runs/<config stem>)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in DIR")
+    several = train.add_argument_group(
+        "several processes", "one run over P processes (hosts), each started with the same "
+        "CONFIG, options and DIR (a folder all of them see), and its own --process-id")
+    several.add_argument("--coordinator", metavar="HOST:PORT",
+                         help="address of process 0, which serves the coordinator on PORT")
+    several.add_argument("--num-processes", type=int, metavar="P", help="how many processes")
+    several.add_argument("--process-id", type=int, metavar="I", help="this one, 0..P-1")
+    several.add_argument("--coordinator-timeout", type=int, metavar="SECONDS",
+                         default=distributed.DEFAULT_TIMEOUT_S,
+                         help="how long to wait for the coordinator and the other processes "
+                              "(default %(default)s)")
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="test accuracy of a run's newest checkpoint")
@@ -100,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    processes = distributed.cluster(args.coordinator, args.num_processes, args.process_id,
+                                    args.coordinator_timeout)
+    if processes is not None:  # before anything starts JAX's backend
+        distributed.start(processes)
     train(cfg, args.out or default_out(args.config), resume=args.resume)
     return 0
 

@@ -18,10 +18,11 @@ The mesh's axis is `Auto` (the compiler chooses the intermediate shardings), not
 gradient sums over batch and positions), which explicit sharding-in-types would make each
 rule spell out.
 
-Single process only: `jax.device_put` of a host array onto the mesh needs every device to
-be addressable. Several processes would need `jax.distributed.initialize` first, a mesh
-over `jax.devices()` (all processes' devices), and each process putting only its own part
-of the global batch (`jax.make_array_from_process_local_data`).
+Several processes (`jaxbp.app.distributed`): the mesh lists every process's devices, each
+process's together, so each process holds one contiguous block of rows of every batch
+(`process_rows`). Each process reads only that block and puts it on its own devices
+(`jax.make_array_from_process_local_data`); the replicated state is the same array in every
+process. `train.devices` counts the devices taken from each process.
 """
 from __future__ import annotations
 
@@ -37,19 +38,24 @@ from jaxbp.schema import ConfigError
 AXIS = "data"
 
 
-def local_devices(count: Optional[int] = None) -> list:
-    """The first `count` local devices (None: all of them).
+def mesh_devices(count: Optional[int] = None) -> list:
+    """The first `count` devices of each process (None: all of them), process by process.
 
     Raises:
-      RunError: `count` exceeds the local device count.
+      RunError: `count` exceeds a process's device count, or (None) the processes have
+        different device counts.
     """
-    devices = jax.local_devices()
-    if count is None:
-        return devices
-    if count > len(devices):
-        raise RunError(f"train.devices={count}, but this process has only {len(devices)} "
-                       f"{devices[0].platform} device(s) (null uses all of them)")
-    return devices[:count]
+    per_process = [jax.local_devices(process_index=p) for p in range(jax.process_count())]
+    fewest = min(range(len(per_process)), key=lambda p: len(per_process[p]))
+    have, platform = len(per_process[fewest]), per_process[fewest][0].platform
+    whose = "this process has" if len(per_process) == 1 else f"process {fewest} has"
+    if count is not None and count > have:
+        raise RunError(f"train.devices={count}, but {whose} only {have} {platform} device(s) "
+                       f"(null uses all of them)")
+    if count is None and any(len(devices) != have for devices in per_process):
+        raise RunError(f"the processes have different device counts ({whose} {have}); set "
+                       f"train.devices to use as many of each")
+    return [d for devices in per_process for d in devices[:count]]
 
 
 def make_mesh(devices: Sequence) -> Mesh:
@@ -89,9 +95,21 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
+def process_rows(n: int, mesh: Mesh) -> slice:
+    """The rows of an `n`-row batch (a multiple of the device count) that this process's
+    devices hold under `batch_sharded(mesh)`: one block, the mesh keeping each process's
+    devices together (`mesh_devices`); all `n` rows in a single process."""
+    blocks = [index[0].indices(n) for index in
+              batch_sharded(mesh).addressable_devices_indices_map((n,)).values()]
+    return slice(min(start for start, _, _ in blocks), max(stop for _, stop, _ in blocks))
+
+
 def shard_batch(arrays, mesh: Mesh):
-    """Host arrays (a batch) split along axis 0 over the devices of `mesh`."""
-    return jax.device_put(arrays, batch_sharded(mesh))
+    """Host arrays holding this process's rows of a batch (`process_rows`: the whole batch in
+    a single process), as global arrays split along axis 0 over the devices of `mesh`."""
+    sharding = batch_sharded(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), arrays)
 
 
 def split_for(n: int, mesh: Mesh) -> int:
@@ -101,13 +119,15 @@ def split_for(n: int, mesh: Mesh) -> int:
 
 
 def put_batch(images: np.ndarray, labels: np.ndarray, mesh: Mesh) -> list:
-    """A batch of any size on the mesh, as a list of one or two (images, labels) pieces: the
-    part that splits evenly, sharded, then the remainder, replicated. Evaluation sums over
-    examples, so the pieces give the batch's totals."""
+    """A whole batch of any size on the mesh, as a list of one or two (images, labels)
+    pieces: the part that splits evenly, sharded (this process putting only its rows), then
+    the remainder, replicated. Evaluation sums over examples, so the pieces give the batch's
+    totals."""
     cut = split_for(len(labels), mesh)
     pieces = []
     if cut:
-        pieces.append(shard_batch((images[:cut], labels[:cut]), mesh))
+        rows = process_rows(cut, mesh)
+        pieces.append(shard_batch((images[:cut][rows], labels[:cut][rows]), mesh))
     if cut < len(labels):
         pieces.append(replicate((images[cut:], labels[cut:]), mesh))
     return pieces

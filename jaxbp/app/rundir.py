@@ -103,9 +103,13 @@ def restore(run_dir: str, epoch: int, abstract_params, abstract_opt_state=None,
                        f"{str(exc).splitlines()[0]}") from None
 
 
-def resume_state(out_dir: str, epoch: int, template: TrainState) -> tuple[TrainState, dict]:
-    """The state and meta of checkpoint `epoch`, in the template's structure and dtypes."""
-    abstract = jax.eval_shape(lambda: template)
+def resume_state(out_dir: str, epoch: int, template: TrainState, sharding=None
+                 ) -> tuple[TrainState, dict]:
+    """The state and meta of checkpoint `epoch`, in the template's structure and dtypes;
+    its arrays placed by `sharding` (every process reading its part) unless None."""
+    abstract = jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        jax.eval_shape(lambda: template))
     restored = restore(out_dir, epoch, abstract.params, abstract.opt_state,
                        abstract.model_state)
     step = jax.numpy.asarray(restored.meta["step"], template.step.dtype)
@@ -113,10 +117,11 @@ def resume_state(out_dir: str, epoch: int, template: TrainState) -> tuple[TrainS
                       step), restored.meta
 
 
-def resumed(out_dir: str, latest: int, fresh: TrainState, cfg: Mapping
+def resumed(out_dir: str, latest: int, fresh: TrainState, cfg: Mapping, sharding=None
             ) -> tuple[TrainState, list[dict], list[str]]:
-    """Checkpoint `latest`'s state, the metrics so far and the config changes since."""
-    state, meta = resume_state(out_dir, latest, fresh)
+    """Checkpoint `latest`'s state (placed by `sharding`), the metrics so far and the config
+    changes since."""
+    state, meta = resume_state(out_dir, latest, fresh, sharding)
     changes = config_changes(meta["config"], json.loads(json.dumps(cfg.to_dict())))
     return state, list(meta["metrics"]), changes
 

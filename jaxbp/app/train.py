@@ -3,8 +3,8 @@ examples/mnist.
 
 `train` is the thin driver: the experiment (`jaxbp.app.experiment`), the jitted steps
 (`jaxbp.app.steps`), the devices (`jaxbp.app.parallel`: all local ones by default, the state
-replicated, each batch split over them), the run folder (`jaxbp.app.rundir`, `checkpoint`,
-`report`).
+replicated, each batch split over them; `jaxbp.app.distributed`: those of several processes),
+the run folder (`jaxbp.app.rundir`, `checkpoint`, `report`).
 
 Reproducibility: initial parameters depend only on `train.seed`, the batch order
 only on (`train.seed`, epoch), and the step is deterministic on CPU. A resumed
@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxbp.app import checkpoint, data, parallel, report, rundir
+from jaxbp.app import checkpoint, data, distributed, parallel, report, rundir
 from jaxbp.app.config import dump_config
 from jaxbp.app.experiment import (Experiment, RunError, build, initial_state, parameter_count,
                                   setup, steps_per_epoch, use_precision)
@@ -87,21 +87,25 @@ def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
                 steps: int, mesh: Mesh, augment: data.Augment = data.Augment()
                 ) -> tuple[TrainState, float, float, float]:
     """One pass over the shuffled (and augmented) train split: (state, mean loss, metric,
-    seconds); `state` replicated on `mesh`, each batch split over its devices.
+    seconds); `state` replicated on `mesh`, each batch split over its devices (this process
+    reading and augmenting only its rows of it).
 
-    The progress bar (stderr, only on a terminal) is the only reason to read the
-    totals before the epoch ends; a non-finite running loss ends the epoch early.
+    The progress bar (stderr, only on a terminal, only process 0's) is the only reason to
+    read the totals before the epoch ends; a non-finite running loss it shows ends the epoch
+    early in a single process (over several, the others could not know: the epoch runs on,
+    and the loss is checked after it as always).
     """
     batch_size = exp.cfg.data.batch_size
     totals = parallel.replicate(zero_totals(exp.dtype), mesh)
     start = time.perf_counter()
     bar = tqdm(total=steps * batch_size, desc=f"epoch {epoch}", unit="img", leave=False,
-               file=sys.stderr, disable=not sys.stderr.isatty())
+               file=sys.stderr, disable=not (sys.stderr.isatty() and distributed.is_primary()))
     refresh, done = _refresh_every(steps), 0
     with bar:
-        seed = exp.cfg.train.seed
-        batches = data.augmented(data.epoch_batches(exp.train, batch_size, seed, epoch),
-                                 augment, seed, epoch)
+        seed, rows = exp.cfg.train.seed, parallel.process_rows(batch_size, mesh)
+        batches = data.augmented(
+            data.epoch_batches(exp.train, batch_size, seed, epoch, rows=rows),
+            augment, seed, epoch, batch_size, rows)
         for i, (images, labels) in enumerate(batches, 1):
             state, totals = step(state, totals, *parallel.shard_batch((images, labels), mesh))
             if not bar.disable and (i % refresh == 0 or i == steps):
@@ -110,7 +114,7 @@ def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
                 bar.set_postfix(loss=f"{loss / i:.4f}",
                                 **{exp.model.metric: f"{score / (i * batch_size):.4f}"})
                 done = i
-                if not np.isfinite(loss):
+                if not np.isfinite(loss) and jax.process_count() == 1:
                     break
     loss, score = jax.device_get(totals)
     jax.block_until_ready(state)
@@ -121,7 +125,8 @@ def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
 def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, steps: int,
         out_dir: str, echo: Callable, mesh: Mesh) -> tuple[TrainState, list[dict], float]:
     """Trains the epochs after `records` on the devices of `mesh`; returns the state (on
-    them), all records and the compile time."""
+    them), all records and the compile time. Every process runs it; process 0 writes
+    metrics.jsonl."""
     tcfg, batch_size = exp.cfg.train, exp.cfg.data.batch_size
     state, on_all = parallel.replicate(state, mesh), parallel.replicated(mesh)
     start = time.perf_counter()
@@ -148,7 +153,8 @@ def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, step
                 writer.save(epoch, state.params, state.opt_state,
                             {"epoch": epoch, "step": epoch * steps, "metrics": records,
                              "config": exp.cfg.to_dict()}, state.model_state)
-            report.write_metrics(out_dir, records)
+            if distributed.is_primary():
+                report.write_metrics(out_dir, records)
     if records[-1]["test_loss"] is None:  # resumed at or past the end, never evaluated
         test_loss, test_metric = evaluate(eval_step, state.params, state.model_state,
                                           exp.test, batch_size, exp.dtype, mesh)
@@ -157,31 +163,32 @@ def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, step
     return state, records, compile_time
 
 
-def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = print) -> dict:
-    """Trains as configured, writing reports and checkpoints to `out_dir`; returns the summary.
-
-    Raises RunError/ConfigError/DataError (nothing written yet) for unusable input, a run
-    whose checkpoints are all damaged included; NonFiniteLoss when the loss diverges
-    (checkpoints of earlier epochs kept).
-    """
-    mesh = parallel.make_mesh(parallel.local_devices(cfg.train.devices))
-    parallel.check_batch_size(cfg.data.batch_size, mesh)
+def _prepare(cfg: Mapping, out_dir: str, resume: bool, mesh: Mesh):
+    """What every process needs before training: the experiment, the checkpoint to resume
+    from, the state (replicated on `mesh`), the records so far and the config changes since
+    that checkpoint."""
     exp = setup(cfg)
     choice = rundir.check_run_dir(out_dir, resume)
-    latest = choice.epoch
     steps = steps_per_epoch(exp)
     optimizer = make_optimizer(cfg.optimizer, steps, cfg.train.epochs)
     state, records, changes = initial_state(exp.model, optimizer, cfg.train.seed, exp.dtype), [], []
-    if latest is not None:
-        state, records, changes = rundir.resumed(out_dir, latest, state, cfg)
+    if choice.epoch is not None:
+        state, records, changes = rundir.resumed(out_dir, choice.epoch, state, cfg,
+                                                 parallel.replicated(mesh))
+    return exp, choice, steps, optimizer, state, records, changes
+
+
+def _open_run_dir(cfg: Mapping, exp: Experiment, out_dir: str, resume: bool,
+                  choice: checkpoint.Choice, changes: list[str], echo: Callable) -> None:
+    """Says what the run starts from, sets damaged checkpoints aside, writes config.yaml."""
     echo(dump_config(cfg).rstrip())
     echo(format_summary(exp.model))
     for note in rundir.set_aside(out_dir, choice.damaged):
         echo(note)
-    if latest is not None:
+    if choice.epoch is not None:
         if not choice.verified:
-            echo(rundir.unverified_note(latest))
-        echo(f"resuming from the checkpoint of epoch {latest}"
+            echo(rundir.unverified_note(choice.epoch))
+        echo(f"resuming from the checkpoint of epoch {choice.epoch}"
              + (", the newest intact one" if choice.damaged else ""))
         for change in changes:
             echo(f"note: config changed since that checkpoint: {change}")
@@ -189,6 +196,30 @@ def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = pri
         echo(f"no checkpoint in {checkpoint.checkpoint_dir(out_dir)}; starting afresh")
     os.makedirs(out_dir, exist_ok=True)
     report.write_atomic(os.path.join(out_dir, report.CONFIG_FILE), dump_config(cfg))
+
+
+def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = print) -> dict:
+    """Trains as configured, writing reports and checkpoints to `out_dir`; returns the summary.
+
+    In a multi-process run (`jaxbp.app.distributed`) every process calls it with the same
+    arguments; process 0 alone prints (`echo`) and writes the reports, all write the
+    checkpoints. Raises RunError/ConfigError/DataError (nothing written yet) for unusable
+    input, a run whose checkpoints are all damaged included (in every process, when it
+    happened in one); NonFiniteLoss when the loss diverges (checkpoints of earlier epochs
+    kept).
+    """
+    primary = distributed.is_primary()
+    # Every process sees every device: a misfit fails in all of them alike.
+    mesh = parallel.make_mesh(parallel.mesh_devices(cfg.train.devices))
+    parallel.check_batch_size(cfg.data.batch_size, mesh)
+    # Process 0 prepares the data set first: processes that share a disk find it ready.
+    distributed.agree(data.prepare, cfg.data, primary_only=True)
+    exp, choice, steps, optimizer, state, records, changes = distributed.agree(
+        _prepare, cfg, out_dir, resume, mesh)
+    distributed.agree(_open_run_dir, cfg, exp, out_dir, resume, choice, changes, echo,
+                      primary_only=True)
+    if not primary:
+        echo = _quiet
 
     state, records, compile_time = fit(exp, state, records, optimizer, steps, out_dir, echo,
                                        mesh)
@@ -198,22 +229,29 @@ def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = pri
                                compile_time_s=compile_time,
                                devices=parallel.device_count(mesh),
                                processes=jax.process_count())
-    report.write_summary(out_dir, summary)
-    report.plot_curves(records, os.path.join(out_dir, report.CURVES_FILE))
     metric = exp.model.metric
-    if exp.model.target == "input":
-        report.plot_reconstructions(reconstruct(exp, state, RECONSTRUCTED),
-                                    os.path.join(out_dir, report.RECONSTRUCTIONS_FILE))
+    # Every process computes (the state lives on all of them); process 0 draws.
+    pairs = reconstruct(exp, state, RECONSTRUCTED) if exp.model.target == "input" else None
+    if primary:
+        report.write_summary(out_dir, summary)
+        report.plot_curves(records, os.path.join(out_dir, report.CURVES_FILE))
+        if pairs is not None:
+            report.plot_reconstructions(pairs, os.path.join(out_dir,
+                                                            report.RECONSTRUCTIONS_FILE))
     echo(f"test {metric.replace('_', ' ')} {summary[f'test_{metric}']:.4f}, "
          f"test loss {summary['test_loss']:.4f}; "
          f"wrote {out_dir}")
     return summary
 
 
+def _quiet(_line: str) -> None:
+    """The console of a process other than 0: nothing."""
+
+
 def evaluate_checkpoint(cfg: Mapping, run_dir: str, echo: Callable = print) -> dict:
     """Test loss and metric of the newest intact checkpoint in `run_dir` under the config's
     model; says which damaged ones it skipped (none is moved or deleted)."""
-    mesh = parallel.make_mesh(parallel.local_devices(cfg.train.devices))
+    mesh = parallel.make_mesh(parallel.mesh_devices(cfg.train.devices))
     exp = setup(cfg, splits=("test",))
     choice = rundir.usable_checkpoint(run_dir)
     if choice.epoch is None:

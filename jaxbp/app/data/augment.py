@@ -3,7 +3,7 @@ mirror images, drawn in NumPy from (seed, epoch) alone, so a resumed run sees th
 batches as an uninterrupted one."""
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -29,14 +29,14 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), 1])
 
 
-def random_crop(images: np.ndarray, padding: int, background: float,
-                rng: np.random.Generator) -> np.ndarray:
+def crop(images: np.ndarray, padding: int, background: float,
+         offsets: np.ndarray) -> np.ndarray:
     """Each example of `(batch, *spatial, C)` padded by `padding` on both sides of every
-    spatial axis and cropped back to its size at a random offset (0..2 padding per axis)."""
+    spatial axis and cropped back to its size at its row of `offsets` `(batch, spatial rank)`
+    (each 0..2 padding)."""
     spatial = images.shape[1:-1]
     pads = [(0, 0)] + [(padding, padding)] * len(spatial) + [(0, 0)]
     padded = np.pad(images, pads, constant_values=background)
-    offsets = rng.integers(0, 2 * padding + 1, size=(len(images), len(spatial)))
     index = [np.arange(len(images)).reshape(-1, *([1] * len(spatial)))]
     for axis, size in enumerate(spatial):
         shape = [1] * len(spatial)
@@ -46,20 +46,28 @@ def random_crop(images: np.ndarray, padding: int, background: float,
     return padded[tuple(index)]
 
 
-def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The last spatial axis of each example of `(batch, *spatial, C)` mirrored with
-    probability 1/2."""
-    flipped = rng.random(len(images)) < 0.5
+def flip(images: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """The last spatial axis of the examples of `(batch, *spatial, C)` where the boolean
+    `(batch,)` `mirrored` is set, mirrored."""
     mirror = images[:, ..., ::-1, :]
-    return np.where(flipped.reshape(-1, *([1] * (images.ndim - 1))), mirror, images)
+    return np.where(mirrored.reshape(-1, *([1] * (images.ndim - 1))), mirror, images)
 
 
-def augmented(batches: Iterator, augment: Augment, seed: int, epoch: int) -> Iterator:
-    """`(images, labels)` batches of epoch `epoch` with `augment` applied to the images."""
+def augmented(batches: Iterator, augment: Augment, seed: int, epoch: int,
+              batch_size: Optional[int] = None, rows: slice = slice(None)) -> Iterator:
+    """`(images, labels)` batches of epoch `epoch` with `augment` applied to the images.
+
+    The batches may hold only `rows` of global batches of `batch_size` examples (a process's
+    part, `jaxbp.app.parallel.process_rows`): the random draws are made for the global batch
+    and these rows taken, so every example is augmented as in a single-process run.
+    """
     rng = epoch_rng(seed, epoch)
     for images, labels in batches:
+        n = len(images) if batch_size is None else batch_size
         if augment.crop_padding:
-            images = random_crop(images, augment.crop_padding, augment.background, rng)
+            offsets = rng.integers(0, 2 * augment.crop_padding + 1,
+                                   size=(n, images.ndim - 2))[rows]
+            images = crop(images, augment.crop_padding, augment.background, offsets)
         if augment.flip:
-            images = random_flip(images, rng)
+            images = flip(images, (rng.random(n) < 0.5)[rows])
         yield images, labels

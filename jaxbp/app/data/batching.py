@@ -36,7 +36,8 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
 
 
 def epoch_batches(
-    split, batch_size: int, seed: int, epoch: int, *, shuffle: bool = True, drop_remainder: bool = True
+    split, batch_size: int, seed: int, epoch: int, *, shuffle: bool = True,
+    drop_remainder: bool = True, rows: slice = slice(None)
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(images, labels)`` batches of one epoch over ``split``.
 
@@ -46,15 +47,17 @@ def epoch_batches(
       seed, epoch: the permutation is a function of these two only.
       shuffle: False keeps the stored order (e.g. for evaluation).
       drop_remainder: drop the last, smaller batch.
+      rows: which rows of each batch to read (a process's part of the global batch,
+        ``jaxbp.app.parallel.process_rows``); all of them by default.
     """
     n = len(split.labels)
     # Checked here, not inside the generator, so bad arguments fail at the call.
     count = num_batches(n, batch_size, drop_remainder)
     order = epoch_order(n, seed, epoch, shuffle)
-    return _take_batches(split, order, batch_size, count)
+    return _take_batches(split, order, batch_size, count, rows)
 
 
-def _take_batches(split, order: np.ndarray, batch_size: int, count: int):
+def _take_batches(split, order: np.ndarray, batch_size: int, count: int, rows: slice):
     for b in range(count):
-        idx = order[b * batch_size:(b + 1) * batch_size]
+        idx = order[b * batch_size:(b + 1) * batch_size][rows]
         yield split.images[idx], split.labels[idx]
