@@ -39,7 +39,7 @@ def measure(cfg, rounds: int, step_samples: int = 50) -> dict:
     from jaxbp.app.steps import make_eval_step, make_train_step, zero_totals
     from jaxbp.app.train import compile_train_step, evaluate, train_epoch
 
-    mesh = parallel.make_mesh(parallel.local_devices(cfg.train.devices))
+    mesh = parallel.make_mesh(parallel.mesh_devices(cfg.train.devices))
     exp = setup(cfg)
     steps = steps_per_epoch(exp)
     batch_size, seed = cfg.data.batch_size, cfg.train.seed
