@@ -45,8 +45,9 @@ from jaxbp.schema import REQUIRED
 Shape = Tuple[int, ...]
 
 __all__ = [
-    "Ops", "HAND", "REFERENCE", "Layer", "layer", "abstract_init", "serial", "residual", "Conv", "MaxPool",
-    "AvgPool", "ChannelMax", "Dense", "Flatten", "Sigmoid", "Tanh", "Relu", "LeakyRelu",
+    "Ops", "HAND", "REFERENCE", "Layer", "layer", "abstract_init", "part_key", "serial",
+    "residual", "Conv", "MaxPool", "AvgPool", "ChannelMax", "Dense", "Flatten", "Sigmoid",
+    "Tanh", "Relu", "LeakyRelu",
     "Softmax", "initializer", "constant", "glorot_normal", "glorot_uniform", "he_normal",
     "he_uniform", "lecun_normal", "lecun_uniform", "normal", "ones", "truncated_normal",
     "uniform", "variance_scaling", "zeros",
@@ -66,10 +67,15 @@ class Layer:
     apply(params, x, ops=HAND, *, train=False, rng=None, state=None) -> y, or
       `(y, new_state)` when `state` is given; x of shape `(batch, *input_shape)`.
     init_state(input_shape, dtype=float32) -> the non-trainable state (`{}` for none).
+    parts: the named layers a composite is made of, each name its key in the parameter
+      tree: `serial`'s by index ("0", "1", ...), `residual`'s "layers" and "shortcut";
+      empty for a registered layer. Lets a caller run the parts one at a time
+      (`jaxbp explain` records each part's input, output and deltas).
     """
     init: Callable
     apply: Callable
     init_state: Callable = _no_state
+    parts: Tuple[Tuple[str, "Layer"], ...] = ()
 
     def __iter__(self):
         return iter((self.init, self.apply))
@@ -97,9 +103,10 @@ def abstract_init(layer: Layer, input_shape: Sequence[int], dtype=jnp.float32):
     return out["shape"], params
 
 
-def _key_for(rng, index: int):
-    """The key of sub-layer `index`: folded in, so a layer's masks do not depend on how
-    many random layers come before it."""
+def part_key(rng, index: int):
+    """The PRNG key of part `index` of a composite (its position in `Layer.parts`): folded
+    in, so a layer's masks do not depend on how many random layers come before it; None
+    for None."""
     return None if rng is None else jax.random.fold_in(rng, index)
 
 
@@ -195,12 +202,12 @@ def serial(*layers: Layer) -> Layer:
         states = [None] * len(layers) if state is None else state
         new = []
         for i, (each, p, s) in enumerate(zip(layers, params, states)):
-            out = each.apply(p, x, ops, train=train, rng=_key_for(rng, i), state=s)
+            out = each.apply(p, x, ops, train=train, rng=part_key(rng, i), state=s)
             x, s = out if state is not None else (out, s)
             new.append(s)
         return _result(x, new, state)
 
-    return Layer(init, apply, init_state)
+    return Layer(init, apply, init_state, tuple((str(i), each) for i, each in enumerate(layers)))
 
 
 def _fork_and_add(ops: Ops) -> Tuple[Callable, Callable]:
@@ -243,11 +250,11 @@ def residual(main: Layer, shortcut: Optional[Layer] = None) -> Layer:
         out, new = [], {}
         for i, ((name, path), branch) in enumerate(zip(paths, branches)):
             s = None if state is None else state[name]
-            y = path.apply(params[name], branch, ops, train=train, rng=_key_for(rng, i),
+            y = path.apply(params[name], branch, ops, train=train, rng=part_key(rng, i),
                            state=s)
             if state is not None:
                 y, new[name] = y
             out.append(y)
         return _result(add(*out), new, state)
 
-    return Layer(init, apply, init_state)
+    return Layer(init, apply, init_state, paths)

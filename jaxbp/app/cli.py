@@ -6,9 +6,11 @@
     jaxbp eval CONFIG --checkpoint DIR [--set KEY=VALUE]...
     jaxbp check CONFIG [--set KEY=VALUE]... [--out DIR]
     jaxbp data prepare NAME [--set data.KEY=VALUE]...
+    jaxbp explain CONFIG [--set KEY=VALUE]... [--checkpoint RUN_DIR] [--index N] [--out DIR]
     jaxbp explain --example NAME [--out DIR]
 
-DIR defaults to runs/<config file name without extension> (runs/explain-NAME for explain).
+DIR defaults to runs/<config file name without extension> (runs/explain-<config name> or
+runs/explain-NAME for explain).
 
 Exit codes: 0 success; 1 `check` found a gradient that disagrees with jax.grad;
 2 unusable input (bad option, config, data, model shapes, or a run folder that
@@ -32,7 +34,7 @@ from jaxbp.app.check import run_check
 from jaxbp.app.checkpoint import CHECKPOINT_DIR
 from jaxbp.app.config import DATA, ConfigError, apply_override, load_config
 from jaxbp.app.data import DataError
-from jaxbp.app.explain import UnknownExample, write_example_page
+from jaxbp.app.explain import UnknownExample, write_example_page, write_network_page
 from jaxbp.app.explain.examples import EXAMPLES
 from jaxbp.schema import check_mapping
 from jaxbp.app.train import NonFiniteLoss, RunError, evaluate_checkpoint, train
@@ -99,14 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(handler=cmd_data_prepare)
 
     explain = commands.add_parser(
-        "explain", help="a source text's worked example as one offline HTML page",
-        description="Renders a source text's small worked example (symbols and the hand rule's "
-                    "numbers) as DIR/explain.html and prints its path. Only the worked examples "
-                    "exist so far; a page for a config's own network is not built yet.")
-    explain.add_argument("--example", metavar="NAME", required=True,
-                         help=f"one of: {', '.join(sorted(EXAMPLES))}")
-    explain.add_argument("--out", metavar="DIR", help="where explain.html goes "
-                                                      "(default: runs/explain-NAME)")
+        "explain", help="backpropagation through a config's network, as one offline HTML page",
+        description="Takes test example N of CONFIG's data set through its network, the "
+                    "parameters drawn from train.seed (or read from the newest intact "
+                    "checkpoint of --checkpoint RUN_DIR), in training mode; records every "
+                    "layer's input, output, deltas and gradients through the hand rules and "
+                    "through jax.grad of the plain twins; writes DIR/deltas.npz and "
+                    "DIR/explain.html and prints the page's path. With --example NAME "
+                    "instead of CONFIG, renders a source text's small worked example.")
+    explain.add_argument("config", metavar="CONFIG", nargs="?", help="YAML experiment config")
+    explain.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="KEY=VALUE", help="override a config value, e.g. "
+                                                   "train.precision=float64 (repeatable)")
+    explain.add_argument("--checkpoint", metavar="RUN_DIR",
+                         help="a run folder (or its checkpoints/ folder): use its newest "
+                              "intact checkpoint instead of freshly drawn parameters")
+    explain.add_argument("--index", metavar="N", type=int,
+                         help="which test example (default 0)")
+    explain.add_argument("--example", metavar="NAME",
+                         help=f"a source's worked example instead of CONFIG, one of: "
+                              f"{', '.join(sorted(EXAMPLES))}")
+    explain.add_argument("--out", metavar="DIR", help="where the page goes (default: "
+                                                      "runs/explain-<config name or NAME>)")
     explain.set_defaults(handler=cmd_explain)
     return parser
 
@@ -121,13 +137,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_folder(path: str) -> str:
+    """The run folder of --checkpoint, given as the run folder or its checkpoints/ folder."""
+    run_dir = os.path.normpath(path)
+    return os.path.dirname(run_dir) if os.path.basename(run_dir) == CHECKPOINT_DIR else run_dir
+
+
+def _note(line: str) -> None:
+    """Notes (skipped checkpoints) go to stderr, so that stdout holds only the result."""
+    print(line, file=sys.stderr)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    run_dir = os.path.normpath(args.checkpoint)
-    if os.path.basename(run_dir) == CHECKPOINT_DIR:
-        run_dir = os.path.dirname(run_dir)
-    # Notes on skipped checkpoints go to stderr: stdout stays one JSON line.
-    result = evaluate_checkpoint(cfg, run_dir, echo=lambda line: print(line, file=sys.stderr))
+    result = evaluate_checkpoint(cfg, run_folder(args.checkpoint), echo=_note)
     print(json.dumps(result))
     return 0
 
@@ -155,8 +178,27 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    print(write_example_page(args.example, args.out or os.path.join("runs",
-                                                                    f"explain-{args.example}")))
+    if args.config is None and args.example is None:
+        raise ConfigError("explain needs a CONFIG or --example NAME")
+    if args.config is not None and args.example is not None:
+        raise ConfigError(f"explain takes a CONFIG or --example NAME, not both (got "
+                          f"{args.config} and --example {args.example})")
+    if args.example is not None:
+        config_only = [flag for flag, given in (("--set", args.overrides),
+                                                ("--checkpoint", args.checkpoint),
+                                                ("--index", args.index is not None)) if given]
+        if config_only:
+            raise ConfigError(f"{', '.join(config_only)} "
+                              f"go{'es' if len(config_only) == 1 else ''} with CONFIG, not "
+                              f"with --example")
+        print(write_example_page(args.example, args.out or os.path.join(
+            "runs", f"explain-{args.example}")))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    name = os.path.basename(default_out(args.config))
+    run_dir = None if args.checkpoint is None else run_folder(args.checkpoint)
+    print(write_network_page(cfg, name, args.out or os.path.join("runs", f"explain-{name}"),
+                             0 if args.index is None else args.index, run_dir, echo=_note))
     return 0
 
 

@@ -71,6 +71,10 @@ class Model(NamedTuple):
     score(outputs, x, labels) -> the batch's sum of `metric` per example: correct answers
       ("accuracy"), or the mean squared error of each reconstruction
       ("reconstruction_error"); summed over a split and divided by its size, the metric.
+    layers: the `jaxbp.nn.Layer` of each item of `model.layers`, in order (`apply` runs
+      them in sequence, item i on `params[i]`, with key `nn.part_key(rng, i)`).
+    output_loss(outputs, x, labels, ops=HAND) -> the scalar loss of given outputs: what
+      `loss` computes after the network.
     """
     init: Callable
     init_state: Callable
@@ -82,6 +86,8 @@ class Model(NamedTuple):
     loss_name: str
     target: str
     score: Callable
+    layers: Tuple[nn.Layer, ...]
+    output_loss: Callable
 
     @property
     def metric(self) -> str:
@@ -239,20 +245,23 @@ def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[in
         return net.apply(params, jnp.reshape(x, (x.shape[0], *shape)), ops, train=train,
                          rng=rng, state=state)
 
-    def loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None):
-        out = apply(params, x, ops, train=train, rng=rng, state=state)
-        out, new_state = out if state is not None else (out, None)
+    def output_loss(out, x, labels, ops=HAND):
         if target == "input":
             targets = jnp.reshape(x, out.shape).astype(out.dtype)
         elif loss_rule.targets == "one_hot":
             targets = jax.nn.one_hot(labels, num_classes, dtype=out.dtype)
         else:
             targets = labels
-        return ops.of(loss_rule)(out, targets), (out, new_state)
+        return ops.of(loss_rule)(out, targets)
+
+    def loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None):
+        out = apply(params, x, ops, train=train, rng=rng, state=state)
+        out, new_state = out if state is not None else (out, None)
+        return output_loss(out, x, labels, ops), (out, new_state)
 
     score = count_correct if target == "labels" else _reconstruction_errors
     return Model(init, init_state, apply, loss, summary, shape, num_classes, loss_name, target,
-                 score)
+                 score, tuple(layer for _, layer in net.parts), output_loss)
 
 
 def format_summary(model: Model) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
@@ -101,6 +101,29 @@ def restore(run_dir: str, epoch: int, abstract_params, abstract_opt_state=None,
         model = "model" if abstract_opt_state is None else "model/optimizer"
         raise RunError(f"{where} does not fit this config's {model}: "
                        f"{str(exc).splitlines()[0]}") from None
+
+
+def restore_newest(run_dir: str, model, dtype, echo: Callable = print) -> tuple[int, Any, Any]:
+    """(epoch, params, model state) of the newest intact checkpoint in `run_dir`, read into
+    `model`'s structure in `dtype`; says which damaged ones it skipped (none is moved or
+    deleted) and when it is unverified.
+
+    Raises:
+      RunError: no checkpoint, none intact, or one that does not fit the model.
+    """
+    choice = usable_checkpoint(run_dir)
+    if choice.epoch is None:
+        raise RunError(f"no checkpoint found in {checkpoint.checkpoint_dir(run_dir)}")
+    for damaged in choice.damaged:
+        echo(f"{damage_note(damaged)}; skipped")
+    if not choice.verified:
+        echo(unverified_note(choice.epoch))
+    if choice.damaged:
+        echo(f"using the checkpoint of epoch {choice.epoch}, the newest intact one")
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dtype=dtype))
+    abstract_state = jax.eval_shape(lambda: model.init_state(dtype))
+    restored = restore(run_dir, choice.epoch, abstract, abstract_model_state=abstract_state)
+    return choice.epoch, restored.params, restored.model_state
 
 
 def resume_state(out_dir: str, epoch: int, template: TrainState, sharding=None

@@ -253,21 +253,9 @@ def evaluate_checkpoint(cfg: Mapping, run_dir: str, echo: Callable = print) -> d
     model; says which damaged ones it skipped (none is moved or deleted)."""
     mesh = parallel.make_mesh(parallel.mesh_devices(cfg.train.devices))
     exp = setup(cfg, splits=("test",))
-    choice = rundir.usable_checkpoint(run_dir)
-    if choice.epoch is None:
-        raise RunError(f"no checkpoint found in {checkpoint.checkpoint_dir(run_dir)}")
-    for damaged in choice.damaged:
-        echo(f"{rundir.damage_note(damaged)}; skipped")
-    if not choice.verified:
-        echo(rundir.unverified_note(choice.epoch))
-    if choice.damaged:
-        echo(f"evaluating the checkpoint of epoch {choice.epoch}, the newest intact one")
-    abstract = jax.eval_shape(lambda: exp.model.init(jax.random.PRNGKey(0), dtype=exp.dtype))
-    abstract_state = jax.eval_shape(lambda: exp.model.init_state(exp.dtype))
-    restored = rundir.restore(run_dir, choice.epoch, abstract,
-                              abstract_model_state=abstract_state)
+    epoch, params, model_state = rundir.restore_newest(run_dir, exp.model, exp.dtype, echo)
     eval_step = make_eval_step(exp.model, exp.dtype, parallel.replicated(mesh))
-    params, model_state = parallel.replicate((restored.params, restored.model_state), mesh)
+    params, model_state = parallel.replicate((params, model_state), mesh)
     loss, value = evaluate(eval_step, params, model_state, exp.test, cfg.data.batch_size,
                            exp.dtype, mesh)
-    return {"epoch": choice.epoch, "test_loss": loss, f"test_{exp.model.metric}": value}
+    return {"epoch": epoch, "test_loss": loss, f"test_{exp.model.metric}": value}

@@ -24,36 +24,52 @@ Index = Tuple[int, int]
 
 @dataclasses.dataclass(frozen=True)
 class Term:
-    """One product of a sum: `left · right`, each a symbol with its number."""
+    """One product of a sum: `left · right`, each a symbol with its number; a term whose
+    `right` is "" is `left` alone (`right_value` 1). A source, where given, says which
+    recorded array entry a number is, as `"key[i,j,k]"` (`source`)."""
     left: str
     left_value: float
     right: str
     right_value: float
+    left_source: str = ""
+    right_source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class Equation:
-    """`lhs = Σ terms = value`; `value` is the rule's number, not the sum of the terms."""
+    """`lhs = Σ terms = value`; `value` is the rule's number, not the sum of the terms;
+    `source` the recorded array entry it is, where it is one."""
     lhs: str
     terms: Tuple[Term, ...]
     value: float
+    source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """A 2-D array to draw as a table, each cell with its symbol."""
+    """A 2-D array to draw as a table, each cell with its symbol and, where the cell is a
+    recorded array entry, its source (`sources` empty, or one string per cell, "" for a
+    cell worked out from others)."""
     caption: str
     values: np.ndarray
     symbols: Tuple[Tuple[str, ...], ...]
+    sources: Tuple[Tuple[str, ...], ...] = ()
+
+
+def source(key: str, index=()) -> str:
+    """`"key[i,j,k]"`: where a number on a page comes from, entry `index` of array `key`."""
+    return f"{key}[{','.join(str(int(i)) for i in index)}]"
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One step of a worked example: prose, the arrays involved, then the equations."""
+    """One step of a worked example: prose, the arrays involved, then the equations; `images`
+    are figures already rendered as HTML (`jaxbp.app.explain.maps`), shown after the prose."""
     heading: str
     text: str
     grids: Tuple[Grid, ...]
     equations: Tuple[Equation, ...] = ()
+    images: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

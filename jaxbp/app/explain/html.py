@@ -1,16 +1,20 @@
 """Small pure functions that turn a worked example into one self-contained HTML page.
 
-No script, no web font, no image: styles are inline or in one <style> block, so the page reads
-the same offline. Every symbol and caption goes through `html.escape`.
+No script, no web font, nothing fetched: styles are inline or in one <style> block, and a
+step's images (`Step.images`) come already inline, so the page reads the same offline. Every
+symbol and caption goes through `html.escape`. A number that is an entry of a recorded array
+carries it as `data-source` (cells, equation values) or in `data-terms` (an equation's terms
+as JSON), so that a test can read the page back against the arrays.
 """
 from __future__ import annotations
 
+import json
 from html import escape
 from typing import Sequence
 
 import numpy as np
 
-from jaxbp.app.explain.examples import Equation, Example, Grid, Step
+from jaxbp.app.explain.examples import Equation, Example, Grid, Step, Term
 
 # ColorBrewer RdBu ends: dark enough to read as a sign, light enough under black text.
 NEGATIVE, POSITIVE = (103, 169, 207), (239, 138, 98)
@@ -50,16 +54,21 @@ def cell_colour(value: float, scale: float) -> str:
     return f"rgb({r}, {g}, {b})"
 
 
+def _source(where: str) -> str:
+    return f' data-source="{escape(where)}"' if where else ""
+
+
 def render_grid(grid: Grid) -> str:
     """One array as a table: each cell its symbol over its number, coloured by its sign."""
     scale = float(np.max(np.abs(grid.values), initial=0.0))
+    sources = grid.sources or [[""] * len(row) for row in grid.symbols]
     rows = []
-    for symbols, values in zip(grid.symbols, grid.values):
+    for symbols, values, wheres in zip(grid.symbols, grid.values, sources):
         cells = "".join(
             f'<td style="background: {cell_colour(float(v), scale)}" data-symbol="{escape(s)}" '
-            f'data-value="{float(v)!r}"><span class="sym">{escape(s)}</span>'
+            f'data-value="{float(v)!r}"{_source(where)}><span class="sym">{escape(s)}</span>'
             f'<span class="num">{format_number(float(v))}</span></td>'
-            for s, v in zip(symbols, values))
+            for s, v, where in zip(symbols, values, wheres))
         rows.append(f"<tr>{cells}</tr>")
     return (f'<figure><table class="grid">{"".join(rows)}</table>'
             f"<figcaption>{escape(grid.caption)}</figcaption></figure>")
@@ -70,26 +79,45 @@ def _factor(value: float) -> str:
     return f"({text})" if value < 0 else text
 
 
+def _symbols(term: Term) -> str:
+    return escape(term.left) + (f"·{escape(term.right)}" if term.right else "")
+
+
+def _numbers(term: Term) -> str:
+    return _factor(term.left_value) + (f"·{_factor(term.right_value)}" if term.right else "")
+
+
+def _term_sources(equation: Equation) -> str:
+    """`data-terms`: each term's numbers and sources as JSON, where any term has a source."""
+    if not any(t.left_source or t.right_source for t in equation.terms):
+        return ""
+    terms = [[t.left_source, t.left_value, t.right_source, t.right_value]
+             for t in equation.terms]
+    return f' data-terms="{escape(json.dumps(terms))}"'
+
+
 def render_equation(equation: Equation) -> str:
     """`lhs = a·b + … = (numbers)·(numbers) + … = value`, symbols first, then numbers."""
     if not equation.terms:
         symbols, numbers = "0", ""
     else:
-        symbols = " + ".join(f"{escape(t.left)}·{escape(t.right)}" for t in equation.terms)
-        numbers = " + ".join(f"{_factor(t.left_value)}·{_factor(t.right_value)}"
-                             for t in equation.terms)
+        symbols = " + ".join(_symbols(t) for t in equation.terms)
+        numbers = " + ".join(_numbers(t) for t in equation.terms)
         numbers = f' = <span class="numbers">{numbers}</span>'
-    return (f'<div class="eq" data-lhs="{escape(equation.lhs)}" data-value="{equation.value!r}">'
+    return (f'<div class="eq" data-lhs="{escape(equation.lhs)}" data-value="{equation.value!r}"'
+            f"{_source(equation.source)}{_term_sources(equation)}>"
             f"{escape(equation.lhs)} = {symbols}{numbers} = "
             f'<span class="value">{format_number(equation.value)}</span></div>')
 
 
-def render_step(step: Step) -> str:
+def render_step(step: Step, level: int = 2) -> str:
+    """A step as a section under an `<h{level}>` heading: prose, grids, equations."""
     grids = "".join(render_grid(g) for g in step.grids)
     grids = f'<div class="grids">{grids}</div>' if grids else ""
     equations = "".join(render_equation(e) for e in step.equations)
-    return (f"<section><h2>{escape(step.heading)}</h2><p>{escape(step.text)}</p>"
-            f"{grids}{equations}</section>")
+    images = f'<div class="grids">{"".join(step.images)}</div>' if step.images else ""
+    return (f"<section><h{level}>{escape(step.heading)}</h{level}><p>{escape(step.text)}</p>"
+            f"{images}{grids}{equations}</section>")
 
 
 def render_page(example: Example, legend: Sequence[str] = (
