@@ -12,8 +12,9 @@ from jax.test_util import check_grads
 import jaxbp.layers.pooling as hand
 import jaxbp.reference.pooling as plain
 from gradcheck import assert_matches_reference, random_inputs
-from jaxbp import fast
-from jaxbp.testing import check_rule
+from jaxbp import fast, nn
+from jaxbp.registry import HAND, REFERENCE
+from jaxbp.testing import check_rule, relative_error
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -398,3 +399,21 @@ def test_integer_input_is_rejected(module, name):
 def test_bad_channel_max_arguments(module, x, group_size, message):
     with pytest.raises(ValueError, match=f"^channel_max: .*{message}"):
         module.channel_max(x, group_size)
+
+
+def test_channel_max_twin_keeps_its_delta_after_batch_norm_in_one_program():
+    """Batch norm feeding channel max, the whole network compiled as one program: the twin
+    must still send each delta to its winner. (A twin written with `jnp.max` lost it: XLA
+    recomputes the normalised input inside a fusion, and JAX's equality test with the
+    maximum then finds no winner.)"""
+    net = nn.serial(nn.layer("conv", 4, 3, stride=2, padding=1), nn.layer("batch_norm"),
+                    nn.layer("channel_max", group_size=2), nn.Flatten(), nn.Dense(10))
+    with jax.enable_x64(True):
+        _, params = net.init(jax.random.PRNGKey(0), (28, 28, 1), jnp.float64)
+        x = jax.random.normal(jax.random.PRNGKey(1), (6, 28, 28, 1), jnp.float64)
+        grads = [jax.jit(jax.grad(lambda p, ops=ops: jnp.sum(
+            net.apply(p, x, ops, train=True) ** 2)))(params) for ops in (HAND, REFERENCE)]
+    hand, twin = grads
+    # The conv's bias, before batch norm, has a gradient of rounding noise: left out.
+    for path in ((0, "w"), (1, "scale"), (1, "offset"), (4, "w")):
+        assert relative_error(hand[path[0]][path[1]], twin[path[0]][path[1]]) < 1e-12, path

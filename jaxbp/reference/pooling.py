@@ -107,5 +107,14 @@ def channel_groups(x, group_size: int):
 
 
 def channel_max(x, group_size: int):
-    """Max over consecutive groups of channels (maxout). See `jaxbp.layers.channel_max`."""
-    return jnp.max(channel_groups(x, group_size), axis=-1)
+    """Max over consecutive groups of channels (maxout). See `jaxbp.layers.channel_max`.
+
+    Picked by `argmax` (the first maximum, the hand rule's tie rule) rather than `jnp.max`:
+    JAX differentiates `jnp.max` by comparing the input with the maximum, and where XLA
+    recomputes the input inside a fused program (batch norm's output, say) with other
+    rounding, no entry compares equal and the delta is lost (NaN without optimisations).
+    An index gathered once cannot miss.
+    """
+    groups = channel_groups(x, group_size)
+    winner = jnp.argmax(groups, axis=-1, keepdims=True)
+    return jnp.take_along_axis(groups, winner, axis=-1)[..., 0]
