@@ -3,12 +3,13 @@
 
 In one process, on the config's data and devices, interleaved over rounds:
 
-  step        the CLI's compiled train step on one batch already on the device, waited for
-              after each call: the benchmark's step time (`bench.py`'s `hand` column, with the
-              config's own optimizer);
+  step        the CLI's compiled train step (the plain one, without the training view's
+              norms) on one batch already on the device, waited for after each call: the
+              benchmark's step time (`bench.py`'s `hand` column, with the config's optimizer);
   pipelined   the same step called back to back, waited for once: what the device alone takes;
   feed        one epoch's batches drawn, augmented and put on the device, no step;
-  train pass  `jaxbp.app.train.train_epoch`, the CLI's own loop (the `epoch_time_s` it logs);
+  train pass  `jaxbp.app.train.train_epoch`, the CLI's own loop (the `epoch_time_s` it logs),
+              its steps 0, 16, 32, ... also measuring the layers' norms (`jaxbp.app.norms`);
   evaluate    `jaxbp.app.train.evaluate` over the test split;
   checkpoint  one orbax checkpoint with its manifest (`CheckpointWriter.save`);
   report      metrics.jsonl rewritten (curves.png is drawn once, after the last epoch).
@@ -36,7 +37,7 @@ def measure(cfg, rounds: int, step_samples: int = 50) -> dict:
     from jaxbp.app import checkpoint, data, parallel, report
     from jaxbp.app.experiment import initial_state, setup, steps_per_epoch
     from jaxbp.app.optim import make_optimizer
-    from jaxbp.app.steps import make_eval_step, make_train_step, zero_totals
+    from jaxbp.app.steps import make_eval_step, make_train_steps, zero_totals
     from jaxbp.app.train import compile_train_step, evaluate, train_epoch
 
     mesh = parallel.make_mesh(parallel.mesh_devices(cfg.train.devices))
@@ -46,8 +47,9 @@ def measure(cfg, rounds: int, step_samples: int = 50) -> dict:
     optimizer = make_optimizer(cfg.optimizer, steps, cfg.train.epochs)
     on_all = parallel.replicated(mesh)
     state = parallel.replicate(initial_state(exp.model, optimizer, seed, exp.dtype), mesh)
-    step = compile_train_step(make_train_step(exp.model, optimizer, exp.dtype, seed=seed,
-                                              out_sharding=on_all), state, exp, mesh)
+    train_steps = make_train_steps(exp.model, optimizer, exp.dtype, seed, on_all).map(
+        lambda fn: compile_train_step(fn, state, exp, mesh))
+    step = train_steps.plain
     eval_step = make_eval_step(exp.model, exp.dtype, on_all)
     augment = data.Augment.of(cfg.data.augment, exp.train)
     batch = parallel.shard_batch((exp.train.images[:batch_size],
@@ -55,7 +57,7 @@ def measure(cfg, rounds: int, step_samples: int = 50) -> dict:
     holder = {"state": state}
 
     def zero():
-        return parallel.replicate(zero_totals(exp.dtype), mesh)
+        return parallel.replicate(zero_totals(exp.dtype, exp.model), mesh)
 
     def one_step():
         holder["state"], totals = step(holder["state"], zero(), *batch)
@@ -75,7 +77,7 @@ def measure(cfg, rounds: int, step_samples: int = 50) -> dict:
         jax.block_until_ready(last)
 
     def train_pass():
-        holder["state"] = train_epoch(step, holder["state"], exp, 1, steps, mesh, augment)[0]
+        holder["state"] = train_epoch(train_steps, holder["state"], exp, 1, steps, mesh, augment)[0]
 
     def evaluation():
         evaluate(eval_step, holder["state"].params, holder["state"].model_state, exp.test,

@@ -46,7 +46,7 @@ def run_jaxbp(exp, target: float) -> dict:
     from jaxbp.app import parallel, train
     from jaxbp.app.experiment import initial_state, steps_per_epoch
     from jaxbp.app.optim import make_optimizer
-    from jaxbp.app.steps import make_eval_step, make_train_step
+    from jaxbp.app.steps import make_eval_step, make_train_steps
     cfg = exp.cfg
     start = time.perf_counter()
     steps = steps_per_epoch(exp)
@@ -55,8 +55,7 @@ def run_jaxbp(exp, target: float) -> dict:
     state = {"s": parallel.replicate(
         initial_state(exp.model, optimizer, cfg.train.seed, jnp.float32), mesh)}
     on_all = parallel.replicated(mesh)
-    step = make_train_step(exp.model, optimizer, jnp.float32, seed=cfg.train.seed,
-                           out_sharding=on_all)
+    step = make_train_steps(exp.model, optimizer, jnp.float32, cfg.train.seed, on_all)
     eval_step = make_eval_step(exp.model, jnp.float32, on_all)
 
     def train_epoch(epoch):

@@ -24,6 +24,10 @@ Every layer comes from the registry (`jaxbp.registry`): `layer("conv", 6, 5, pad
 builds any registered layer, its required hyperparameters positional in order, the rest by
 keyword, and `Conv`, `Dense`, ... are that for the built-in ones. `serial` chains layers and
 `residual` adds a shortcut around them.
+
+`serial`'s apply also takes `probes=`: one zero vector per layer, each layer's output passed
+through `probe`, so that differentiating with respect to the probes gives every example's
+squared delta norm at every layer, as the train step logs them (`jaxbp.app.norms`).
 """
 from __future__ import annotations
 
@@ -46,8 +50,8 @@ Shape = Tuple[int, ...]
 
 __all__ = [
     "Ops", "HAND", "REFERENCE", "Layer", "layer", "abstract_init", "part_key", "serial",
-    "residual", "Conv", "MaxPool", "AvgPool", "ChannelMax", "Dense", "Flatten", "Sigmoid",
-    "Tanh", "Relu", "LeakyRelu",
+    "residual", "probe", "Conv", "MaxPool", "AvgPool", "ChannelMax", "Dense", "Flatten",
+    "Sigmoid", "Tanh", "Relu", "LeakyRelu",
     "Softmax", "initializer", "constant", "glorot_normal", "glorot_uniform", "he_normal",
     "he_uniform", "lecun_normal", "lecun_uniform", "normal", "ones", "truncated_normal",
     "uniform", "variance_scaling", "zeros",
@@ -181,9 +185,53 @@ LeakyRelu = _constructor("leaky_relu")
 Softmax = _constructor("softmax")
 
 
+@jax.custom_vjp
+def probe(y, s):
+    """y itself; `s` zeros of shape `(batch,)` and y's dtype, which y does not depend on.
+
+    Backward: δy passes through unchanged, and the cotangent reported for `s` is not its
+    (zero) derivative but each example's squared delta norm: entry n is Σ δy[n]², summed
+    over that example's entries. So differentiating with respect to `s` reads the deltas'
+    size from the middle of the backward pass without returning the deltas. This is Flax's
+    `perturb` (a zero added to an intermediate, whose gradient is the intermediate's delta)
+    reduced to norms. First-order differentiation only: a derivative of the reported value
+    means nothing.
+
+    Raises:
+      ValueError: `s` is not of shape `(batch,)`.
+    """
+    _check_probe(y, s)
+    return y
+
+
+def _check_probe(y, s) -> None:
+    if jnp.shape(s) != jnp.shape(y)[:1]:
+        raise fail("probe", f"s must have shape (batch,) = {jnp.shape(y)[:1]}, got "
+                            f"{jnp.shape(s)}")
+
+
+def _probe_fwd(y, s):
+    _check_probe(y, s)
+    return y, None
+
+
+def _probe_bwd(_, delta):
+    squares = jnp.sum(jnp.square(delta.reshape(delta.shape[0], -1)), axis=1)
+    return delta, squares
+
+
+probe.defvjp(_probe_fwd, _probe_bwd)
+
+
 def serial(*layers: Layer) -> Layer:
     """Layers in sequence; the parameters (and the state) are a list with one entry per
-    layer. No layers at all is the identity."""
+    layer. No layers at all is the identity.
+
+    Its apply also takes `probes=`: None, or one zero vector per layer (see `probe`), layer
+    i's output then going through `probe(y, probes[i])`: the gradient with respect to
+    `probes[i]` holds each example's squared norm of layer i's delta ∂L/∂y_i. The outputs
+    and every other gradient are those without probes.
+    """
     def init(rng, input_shape: Sequence[int], dtype=jnp.float32):
         shape, params = tuple(input_shape), []
         for each, key in zip(layers, jax.random.split(rng, max(len(layers), 1))):
@@ -198,12 +246,15 @@ def serial(*layers: Layer) -> Layer:
             shape = abstract_init(each, shape, dtype)[0]
         return state
 
-    def apply(params, x, ops: Ops = HAND, *, train: bool = False, rng=None, state=None):
+    def apply(params, x, ops: Ops = HAND, *, train: bool = False, rng=None, state=None,
+              probes=None):
         states = [None] * len(layers) if state is None else state
         new = []
         for i, (each, p, s) in enumerate(zip(layers, params, states)):
             out = each.apply(p, x, ops, train=train, rng=part_key(rng, i), state=s)
             x, s = out if state is not None else (out, s)
+            if probes is not None:
+                x = probe(x, probes[i])
             new.append(s)
         return _result(x, new, state)
 

@@ -87,6 +87,12 @@ def losses(metrics: list[dict]) -> list[float]:
     return [r[k] for r in metrics for k in keys if r[k] is not None]
 
 
+def layer_norms(metrics: list[dict]) -> list[float]:
+    """Epoch by epoch, each layer's mean delta norm, then its gradient norm."""
+    return [v for r in metrics for key in ("delta_norms", "grad_norms")
+            for v in r[key].values()]
+
+
 def assert_close(a: list[float], b: list[float], rel: float = 1e-9) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
@@ -105,6 +111,7 @@ def test_eight_devices_give_the_numbers_of_one(runs):
     assert eight_summary["processes"] == one_summary["processes"] == 1
     assert [r["epoch"] for r in eight] == [1, 2, 3]
     assert_close(losses(eight), losses(one))
+    assert_close(layer_norms(eight), layer_norms(one))
     assert eight[0]["train_loss"] != eight[-1]["train_loss"], "it trained"
 
 

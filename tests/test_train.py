@@ -102,8 +102,9 @@ def assert_same_params(run_a: str, run_b: str, config: str) -> None:
 
 
 def learning_metrics(run_dir: str) -> list[tuple]:
-    """Per-epoch losses and accuracies (not the timings) from metrics.jsonl."""
-    keys = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+    """Per-epoch losses, accuracies and layer norms (not the timings) from metrics.jsonl."""
+    keys = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+            "delta_norms", "grad_norms")
     return [tuple(r[k] for k in keys) for r in report.read_metrics(run_dir)]
 
 
@@ -125,6 +126,34 @@ def test_one_epoch_writes_reports_and_checkpoint(one_epoch_run, config_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert checkpoint.latest_epoch(one_epoch_run) == 1
     assert checkpoint.choose(one_epoch_run) == checkpoint.Choice(1, True, ())
+
+
+@pytest.mark.slow
+def test_metrics_hold_each_layers_norms_and_curves_plot_them(one_epoch_run):
+    from matplotlib.figure import Figure
+
+    (record,) = report.read_metrics(one_epoch_run)
+    deltas, grads = record["delta_norms"], record["grad_norms"]
+    assert list(deltas) == [str(i) for i in range(len(TINY_MODEL["layers"]))]
+    assert list(grads) == ["0", "3", "7"], "the conv and dense layers"
+    assert all(np.isfinite(v) and v > 0 for v in [*deltas.values(), *grads.values()])
+    assert deltas["6"] == pytest.approx(deltas["5"], rel=1e-6), "flatten only reshapes δ"
+
+    names = {str(i): layer["type"] for i, layer in enumerate(TINY_MODEL["layers"])}
+    ax = Figure().subplots()
+    report.plot_norms(ax, [record], names)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert ax.get_yscale() == "log"
+    low, high = ax.get_ylim()
+    assert high / low >= 10 ** report.NORM_DECADES, "runs compare on one span of decades"
+    assert list(lines)[:3] == ["δ 0 conv", "∇θ 0 conv", "δ 1 relu"] and len(lines) == 8 + 3
+    assert lines["∇θ 7 dense"].get_ydata()[0] == grads["7"]
+    assert lines["δ 0 conv"].get_linestyle() != lines["∇θ 0 conv"].get_linestyle()
+    with open(os.path.join(one_epoch_run, report.CURVES_FILE), "rb") as f:
+        header = f.read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert width > 3 * height, "three panels side by side"
 
 
 @pytest.mark.slow

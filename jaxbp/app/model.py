@@ -61,10 +61,12 @@ class Model(NamedTuple):
     init(rng, dtype=jnp.float32) -> params: a list with one entry per layer.
     init_state(dtype=jnp.float32) -> the non-trainable state (running statistics), a list
       with one entry per layer (`{}` for most).
-    apply(params, x, ops=HAND, *, train=False, rng=None, state=None) -> outputs
-      `(batch, *output_shape)`, or `(outputs, new_state)` when `state` is given (see
-      `jaxbp.nn`); x is `(batch, *anything)` holding prod(input_shape) values per example.
-    loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None)
+    apply(params, x, ops=HAND, *, train=False, rng=None, state=None, probes=None)
+      -> outputs `(batch, *output_shape)`, or `(outputs, new_state)` when `state` is given
+      (see `jaxbp.nn`); x is `(batch, *anything)` holding prod(input_shape) values per
+      example. `probes`: None, or one zero vector per item of `model.layers`, whose
+      gradient holds squared norms of that layer's delta (`nn.probe`, `nn.serial`).
+    loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None, probes=None)
       -> (scalar loss, (outputs, new_state)): the outputs come along (`has_aux`) so a train
       step that needs them runs the forward once; new_state is None without `state`. The
       loss compares the outputs with the labels, or with x itself (target "input").
@@ -241,9 +243,9 @@ def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[in
     def init_state(dtype=jnp.float32):
         return net.init_state(shape, dtype)
 
-    def apply(params, x, ops=HAND, *, train=False, rng=None, state=None):
+    def apply(params, x, ops=HAND, *, train=False, rng=None, state=None, probes=None):
         return net.apply(params, jnp.reshape(x, (x.shape[0], *shape)), ops, train=train,
-                         rng=rng, state=state)
+                         rng=rng, state=state, probes=probes)
 
     def output_loss(out, x, labels, ops=HAND):
         if target == "input":
@@ -254,8 +256,9 @@ def build_model(model_cfg: ModelConfig, loss_name: str, input_shape: Sequence[in
             targets = labels
         return ops.of(loss_rule)(out, targets)
 
-    def loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None):
-        out = apply(params, x, ops, train=train, rng=rng, state=state)
+    def loss(params, x, labels, ops=HAND, *, train=False, rng=None, state=None,
+             probes=None):
+        out = apply(params, x, ops, train=train, rng=rng, state=state, probes=probes)
         out, new_state = out if state is not None else (out, None)
         return output_loss(out, x, labels, ops), (out, new_state)
 

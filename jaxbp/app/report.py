@@ -4,14 +4,18 @@ for an autoencoder reconstructions.png.
 One metrics record per epoch has the keys of `metric_keys(metric)`, the metric being
 "accuracy" for a classifier and "reconstruction_error" (mean squared error per value) for an
 autoencoder; `test_loss` and `test_<metric>` are None for epochs without an evaluation
-(`train.eval_every`).
+(`train.eval_every`). `delta_norms` and `grad_norms` map the paths of the items of
+`model.layers` ("0", "1", ...) to their mean delta norm and parameter-gradient norm over the
+epoch's steps (`jaxbp.app.norms`); records written before these existed lack them.
 Files are replaced atomically, so a run killed while writing never leaves half a file.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
+
+from jaxbp.app.norms import DELTA_NORMS, GRAD_NORMS
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -22,7 +26,7 @@ RECONSTRUCTIONS_FILE = "reconstructions.png"
 
 def metric_keys(metric: str = "accuracy") -> tuple:
     return ("epoch", "train_loss", f"train_{metric}", "test_loss", f"test_{metric}",
-            "epoch_time_s", "images_per_second")
+            "epoch_time_s", "images_per_second", DELTA_NORMS, GRAD_NORMS)
 
 
 METRIC_KEYS = metric_keys()
@@ -43,12 +47,14 @@ def write_atomic(path: str, text: str) -> None:
 
 def epoch_record(epoch: int, train_loss: float, train_metric: float,
                  test: Optional[tuple[float, float]], seconds: float, images: int,
-                 metric: str = "accuracy") -> dict:
-    """One metrics.jsonl line; `test` is (loss, metric) or None when not evaluated."""
+                 metric: str = "accuracy", layer_norms: Optional[dict] = None) -> dict:
+    """One metrics.jsonl line; `test` is (loss, metric) or None when not evaluated;
+    `layer_norms` the `delta_norms` and `grad_norms` of `norms.epoch_norms`."""
     test_loss, test_metric = test if test is not None else (None, None)
     return {"epoch": epoch, "train_loss": train_loss, f"train_{metric}": train_metric,
             "test_loss": test_loss, f"test_{metric}": test_metric,
-            "epoch_time_s": seconds, "images_per_second": images / max(seconds, 1e-12)}
+            "epoch_time_s": seconds, "images_per_second": images / max(seconds, 1e-12),
+            **(layer_norms or {})}
 
 
 def write_metrics(out_dir: str, records: Sequence[dict]) -> None:
@@ -97,24 +103,68 @@ def format_epoch(record: dict, epochs: int) -> str:
     return line + f" | {record['epoch_time_s']:.1f} s, {record['images_per_second']:.0f} img/s"
 
 
-def plot_curves(records: Sequence[dict], path: str) -> None:
-    """Loss and accuracy per epoch, train and test, as a two-panel PNG."""
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure((10, 4))
+def plot_curves(records: Sequence[dict], path: str,
+                layer_names: Optional[Mapping[str, str]] = None) -> None:
+    """Loss and accuracy per epoch, train and test, as a PNG of two panels; a third, where
+    the records have them, shows each layer's delta and gradient norms (`plot_norms`).
+    `layer_names` maps the layers' paths to their types, for the labels."""
+    with_norms = [r for r in records if DELTA_NORMS in r]
+    fig = _figure((16, 4.5) if with_norms else (10, 4))
+    axes = fig.subplots(1, 3 if with_norms else 2)
     epochs = [r["epoch"] for r in records]
     evaluated = [r for r in records if r["test_loss"] is not None]
     metric = metric_of(records[0])
-    for ax, key, title in zip(fig.subplots(1, 2), ("loss", metric), ("Loss", _TITLE[metric])):
+    for ax, key, title in zip(axes, ("loss", metric), ("Loss", _TITLE[metric])):
         ax.plot(epochs, [r[f"train_{key}"] for r in records], "o-", label="train")
         ax.plot([r["epoch"] for r in evaluated], [r[f"test_{key}"] for r in evaluated],
                 "s-", label="test")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
+        _epoch_axis(ax, title)
         ax.legend()
+    if with_norms:
+        plot_norms(axes[2], with_norms, layer_names or {})
     _save(fig, path)
+
+
+NORM_DECADES = 2
+"""The least span of the norms' log axis, in decades below the largest norm."""
+
+
+def plot_norms(ax, records: Sequence[dict], layer_names: Mapping[str, str]) -> None:
+    """Each layer's mean delta norm (solid, circles) and parameter-gradient norm (dashed,
+    squares) per epoch on a log scale, one colour per layer from input (dark) to output
+    (light). The axis spans at least `NORM_DECADES` decades below the largest norm, so one
+    run's picture compares with another's: a delta that vanishes on its way down shows as
+    curves spread far apart, one that keeps its size as curves close together."""
+    from matplotlib import colormaps
+
+    paths = list(records[-1][DELTA_NORMS])
+    colours = colormaps["viridis"]([0.85 * i / max(len(paths) - 1, 1)
+                                    for i in range(len(paths))])
+    epochs = [r["epoch"] for r in records]
+    values = []
+    for layer, colour in zip(paths, colours):
+        name = f"{layer} {layer_names.get(layer, '')}".rstrip()
+        for key, style, symbol in ((DELTA_NORMS, "o-", "δ"), (GRAD_NORMS, "s--", "∇θ")):
+            if layer in records[-1][key]:
+                line = [r[key].get(layer, float("nan")) for r in records]
+                ax.plot(epochs, line, style, color=colour, label=f"{symbol} {name}")
+                values += [v for v in line if v > 0]
+    ax.set_yscale("log")
+    if values:
+        top = 1.5 * max(values)
+        ax.set_ylim(min(min(values) / 1.5, top / 10 ** NORM_DECADES), top)
+    _epoch_axis(ax, "Each layer's δ = ‖∂ℓ/∂y‖ (solid), ∇θ = ‖∂L/∂θ‖ (dashed)")
+    ax.set_ylabel("mean norm (log scale)")
+    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+
+
+def _epoch_axis(ax, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
 
 
 def _figure(size):

@@ -1,9 +1,10 @@
 """The jitted steps, as in Flax's examples/mnist: train (value_and_grad with `has_aux`, so
 the forward runs once for the loss and the score, then the optax update) and eval.
 
-Running totals (loss sum, score sum: correct answers, or squared reconstruction errors) stay
-on the device; the host reads them once per
-epoch. The state and the totals are donated. The step is deterministic on CPU.
+Running totals (loss sum, score sum: correct answers, or squared reconstruction errors; in
+training, each layer's delta norm and parameter-gradient norm, `jaxbp.app.norms`) stay on the
+device; the host reads them once per epoch. The state and the totals are donated. The step is
+deterministic on CPU.
 
 Both steps are written for one global batch; over several devices (`jaxbp.app.parallel`)
 they are the same programs, given a replicated state and a batch split over the devices,
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxbp.app import norms
 from jaxbp.registry import HAND
 
 
@@ -48,10 +50,16 @@ class Totals(NamedTuple):
     """Running sums over the batches seen so far, kept on the device."""
     loss: jax.Array    # sum over batches of the batch-mean loss (train) or of the loss sum (eval)
     score: jax.Array   # sum over examples of the model's score (`Model.score`)
+    # Training with norms only (`TrainSteps`), else (): sums over the measuring steps of each
+    # layer's delta norm, `(len(layer_rows),)`, and gradient norm, `(len(trained_layers),)`.
+    delta_norms: Any = ()
+    grad_norms: Any = ()
 
 
-def zero_totals(dtype) -> Totals:
-    return Totals(jnp.zeros((), dtype), jnp.zeros((), dtype))
+def zero_totals(dtype, model=None) -> Totals:
+    """Zero totals; given the model, with the zero norm sums of `TrainSteps`."""
+    sums = () if model is None else norms.zero_sums(model, dtype)
+    return Totals(jnp.zeros((), dtype), jnp.zeros((), dtype), *sums)
 
 
 def training_loss(model, ops=HAND, seed: int = 0, dtype=jnp.float32) -> Callable:
@@ -71,24 +79,62 @@ def _jit(fn: Callable, donate: tuple, out_sharding) -> Callable:
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, dtype,
-                    ops=HAND, seed: int = 0, out_sharding=None) -> Callable:
+                    ops=HAND, seed: int = 0, out_sharding=None,
+                    with_norms: bool = False) -> Callable:
     """jit(state, totals, images, labels) -> (state, totals), with state and totals donated;
     `ops` the primitives to run through (the hand rules; the benchmark also times others),
     `seed` the run's, for the dropout keys; `out_sharding` where the new state and totals
-    live (None: where jit puts them, on the inputs' device)."""
+    live (None: where jit puts them, on the inputs' device). `with_norms`: also add the
+    layers' delta and gradient norms (`jaxbp.app.norms`) to the totals' sums, which must
+    then be there (`zero_totals(dtype, model)`); without, the step passes any sums through.
+    Either way the new state is the same."""
 
     def train_step(state: TrainState, totals: Totals, images, labels):
         images = images.astype(dtype)
-        (loss, (outputs, model_state)), grads = jax.value_and_grad(model.loss, has_aux=True)(
-            state.params, images, labels, ops=ops, train=True,
-            rng=step_key(seed, state.step), state=state.model_state)
+
+        def objective(params, probes):
+            return model.loss(params, images, labels, ops=ops, train=True,
+                              rng=step_key(seed, state.step), state=state.model_state,
+                              probes=probes)
+
+        probes = norms.zero_probes(model, dtype, images.shape[0]) if with_norms else None
+        (loss, (outputs, model_state)), (grads, squares) = jax.value_and_grad(
+            objective, argnums=(0, 1), has_aux=True)(state.params, probes)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         score = model.score(outputs, images, labels).astype(totals.score.dtype)
+        sums = totals[2:]
+        if with_norms:
+            values = norms.step_norms(model, grads, squares, images.shape[0])
+            sums = [total + value for total, value in zip(sums, values)]
         return (TrainState(params, opt_state, model_state, state.step + 1),
-                Totals(totals.loss + loss, totals.score + score))
+                Totals(totals.loss + loss, totals.score + score, *sums))
 
     return _jit(train_step, (0, 1), out_sharding)
+
+
+class TrainSteps(NamedTuple):
+    """The train steps of an epoch that logs the layers' norms: `measuring` (with norms) on
+    its steps 0, EVERY, 2·EVERY, ... (`norms.EVERY`), `plain` on the others, both given
+    `zero_totals(dtype, model)`. Two programs rather than a `lax.cond` between the two
+    inside one: under a conditional, XLA's CPU backend ran a LeNet-5 step 90 times slower."""
+    plain: Callable
+    measuring: Callable
+
+    def at(self, i: int) -> Callable:
+        """The step to run as the epoch's i-th (from 0)."""
+        return self.measuring if i % norms.EVERY == 0 else self.plain
+
+    def map(self, fn: Callable) -> TrainSteps:
+        return TrainSteps(*(fn(step) for step in self))
+
+
+def make_train_steps(model, optimizer: optax.GradientTransformation, dtype, seed: int = 0,
+                     out_sharding=None) -> TrainSteps:
+    """`make_train_step` without and with norms, as `jaxbp train` runs them."""
+    return TrainSteps(*(make_train_step(model, optimizer, dtype, seed=seed,
+                                        out_sharding=out_sharding, with_norms=with_norms)
+                        for with_norms in (False, True)))
 
 
 def make_eval_step(model, dtype, out_sharding=None) -> Callable:

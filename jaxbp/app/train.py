@@ -23,14 +23,14 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxbp.app import checkpoint, data, distributed, parallel, report, rundir
+from jaxbp.app import checkpoint, data, distributed, norms, parallel, report, rundir
 from jaxbp.app.config import dump_config
 from jaxbp.app.experiment import (Experiment, RunError, build, initial_state, parameter_count,
                                   setup, steps_per_epoch, use_precision)
 from jaxbp.app.model import format_summary
 from jaxbp.app.optim import make_optimizer
-from jaxbp.app.steps import (TrainState, all_finite, make_eval_step, make_train_step,
-                             zero_totals)
+from jaxbp.app.steps import (TrainState, TrainSteps, all_finite, make_eval_step,
+                             make_train_steps, zero_totals)
 
 __all__ = ["NonFiniteLoss", "RunError", "build", "use_precision", "train", "fit",
            "evaluate", "evaluate_checkpoint", "train_epoch"]
@@ -50,7 +50,7 @@ def evaluate(eval_step: Callable, params, model_state, split, batch_size: int, d
                                     drop_remainder=False):
         for images, labels in parallel.put_batch(*batch, mesh):
             totals = eval_step(params, model_state, totals, images, labels)
-    loss, score = jax.device_get(totals)
+    loss, score = jax.device_get((totals.loss, totals.score))
     n = len(split.labels)
     return float(loss) / n, float(score) / n
 
@@ -75,7 +75,7 @@ def compile_train_step(step: Callable, state: TrainState, exp: Experiment, mesh:
     images = jax.ShapeDtypeStruct((batch_size, *exp.train.images.shape[1:]),
                                   exp.train.images.dtype, sharding=sharded)
     labels = jax.ShapeDtypeStruct((batch_size,), exp.train.labels.dtype, sharding=sharded)
-    totals = parallel.replicate(zero_totals(exp.dtype), mesh)
+    totals = parallel.replicate(zero_totals(exp.dtype, exp.model), mesh)
     return step.lower(state, totals, images, labels).compile()
 
 
@@ -83,12 +83,13 @@ def _refresh_every(steps: int) -> int:
     return max(1, min(50, steps // 10))
 
 
-def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
+def train_epoch(train_steps: TrainSteps, state: TrainState, exp: Experiment, epoch: int,
                 steps: int, mesh: Mesh, augment: data.Augment = data.Augment()
-                ) -> tuple[TrainState, float, float, float]:
+                ) -> tuple[TrainState, float, float, float, dict]:
     """One pass over the shuffled (and augmented) train split: (state, mean loss, metric,
-    seconds); `state` replicated on `mesh`, each batch split over its devices (this process
-    reading and augmenting only its rows of it).
+    seconds, the layers' mean delta and gradient norms as `norms.epoch_norms` gives them);
+    `state` replicated on `mesh`, each batch split over its devices (this process reading and
+    augmenting only its rows of it).
 
     The progress bar (stderr, only on a terminal, only process 0's) is the only reason to
     read the totals before the epoch ends; a non-finite running loss it shows ends the epoch
@@ -96,7 +97,7 @@ def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
     and the loss is checked after it as always).
     """
     batch_size = exp.cfg.data.batch_size
-    totals = parallel.replicate(zero_totals(exp.dtype), mesh)
+    totals = parallel.replicate(zero_totals(exp.dtype, exp.model), mesh)
     start = time.perf_counter()
     bar = tqdm(total=steps * batch_size, desc=f"epoch {epoch}", unit="img", leave=False,
                file=sys.stderr, disable=not (sys.stderr.isatty() and distributed.is_primary()))
@@ -107,19 +108,21 @@ def train_epoch(step: Callable, state: TrainState, exp: Experiment, epoch: int,
             data.epoch_batches(exp.train, batch_size, seed, epoch, rows=rows),
             augment, seed, epoch, batch_size, rows)
         for i, (images, labels) in enumerate(batches, 1):
+            step = train_steps.at(i - 1)
             state, totals = step(state, totals, *parallel.shard_batch((images, labels), mesh))
             if not bar.disable and (i % refresh == 0 or i == steps):
-                loss, score = jax.device_get(totals)
+                loss, score = jax.device_get((totals.loss, totals.score))
                 bar.update((i - done) * batch_size)
                 bar.set_postfix(loss=f"{loss / i:.4f}",
                                 **{exp.model.metric: f"{score / (i * batch_size):.4f}"})
                 done = i
                 if not np.isfinite(loss) and jax.process_count() == 1:
                     break
-    loss, score = jax.device_get(totals)
+    loss, score, delta_sums, grad_sums = jax.device_get(totals)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - start
-    return state, float(loss) / steps, float(score) / (steps * batch_size), seconds
+    return (state, float(loss) / steps, float(score) / (steps * batch_size), seconds,
+            norms.epoch_norms(exp.model, delta_sums, grad_sums, norms.measured_steps(steps)))
 
 
 def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, steps: int,
@@ -130,16 +133,15 @@ def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, step
     tcfg, batch_size = exp.cfg.train, exp.cfg.data.batch_size
     state, on_all = parallel.replicate(state, mesh), parallel.replicated(mesh)
     start = time.perf_counter()
-    train_step = compile_train_step(
-        make_train_step(exp.model, optimizer, exp.dtype, seed=tcfg.seed, out_sharding=on_all),
-        state, exp, mesh)
+    train_steps = make_train_steps(exp.model, optimizer, exp.dtype, tcfg.seed, on_all).map(
+        lambda step: compile_train_step(step, state, exp, mesh))
     compile_time = time.perf_counter() - start
     eval_step = make_eval_step(exp.model, exp.dtype, on_all)
     augment = data.Augment.of(exp.cfg.data.augment, exp.train)
     with checkpoint.CheckpointWriter(out_dir) as writer:
         for epoch in range(len(records) + 1, tcfg.epochs + 1):
-            state, loss, train_metric, seconds = train_epoch(train_step, state, exp, epoch,
-                                                             steps, mesh, augment)
+            state, loss, train_metric, seconds, layer_norms = train_epoch(
+                train_steps, state, exp, epoch, steps, mesh, augment)
             if not (np.isfinite(loss) and all_finite((state.params, state.model_state))):
                 raise NonFiniteLoss(rundir.divergence_message(loss, epoch, out_dir))
             test = None
@@ -147,7 +149,8 @@ def fit(exp: Experiment, state: TrainState, records: list[dict], optimizer, step
                 test = evaluate(eval_step, state.params, state.model_state, exp.test,
                                 batch_size, exp.dtype, mesh)
             records.append(report.epoch_record(epoch, loss, train_metric, test, seconds,
-                                               steps * batch_size, exp.model.metric))
+                                               steps * batch_size, exp.model.metric,
+                                               layer_norms))
             echo(report.format_epoch(records[-1], tcfg.epochs))
             if rundir.checkpoints(tcfg, epoch):
                 writer.save(epoch, state.params, state.opt_state,
@@ -234,7 +237,8 @@ def train(cfg: Mapping, out_dir: str, resume: bool = False, echo: Callable = pri
     pairs = reconstruct(exp, state, RECONSTRUCTED) if exp.model.target == "input" else None
     if primary:
         report.write_summary(out_dir, summary)
-        report.plot_curves(records, os.path.join(out_dir, report.CURVES_FILE))
+        report.plot_curves(records, os.path.join(out_dir, report.CURVES_FILE),
+                           norms.layer_names(exp.model))
         if pairs is not None:
             report.plot_reconstructions(pairs, os.path.join(out_dir,
                                                             report.RECONSTRUCTIONS_FILE))
