@@ -92,6 +92,11 @@ class Model(NamedTuple):
     output_loss: Callable
 
     @property
+    def top_rows(self) -> Tuple[SummaryRow, ...]:
+        """The summary rows of the items of `model.layers`, in order (none inside blocks)."""
+        return tuple(row for row in self.summary if row.depth == 0)
+
+    @property
     def metric(self) -> str:
         return "accuracy" if self.target == "labels" else "reconstruction_error"
 

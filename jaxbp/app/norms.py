@@ -29,17 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp.app.model import Model, SummaryRow
+from jaxbp.app.model import Model
 
 DELTA_NORMS = "delta_norms"
 GRAD_NORMS = "grad_norms"
 EVERY = 16
 """An epoch measures the norms on its steps 0, EVERY, 2·EVERY, ... (`steps.TrainSteps`)."""
-
-
-def layer_rows(model: Model) -> tuple[SummaryRow, ...]:
-    """The summary rows of the items of `model.layers`, in order (no rows inside blocks)."""
-    return tuple(row for row in model.summary if row.depth == 0)
 
 
 def _has_parameters(model: Model, path: str) -> bool:
@@ -49,14 +44,14 @@ def _has_parameters(model: Model, path: str) -> bool:
 
 def trained_layers(model: Model) -> tuple[int, ...]:
     """Indices into `model.layers` of the items holding parameters (inside a block too)."""
-    return tuple(i for i, row in enumerate(layer_rows(model))
+    return tuple(i for i, row in enumerate(model.top_rows)
                  if _has_parameters(model, row.path))
 
 
 def zero_probes(model: Model, dtype, batch: int) -> list:
     """The `probes=` of `Model.loss` for a batch of `batch`: one zero vector `(batch,)` per
     item of `model.layers`."""
-    return [jnp.zeros((batch,), dtype) for _ in layer_rows(model)]
+    return [jnp.zeros((batch,), dtype) for _ in model.top_rows]
 
 
 def measured_steps(steps: int) -> int:
@@ -65,9 +60,9 @@ def measured_steps(steps: int) -> int:
 
 
 def zero_sums(model: Model, dtype) -> tuple[jax.Array, jax.Array]:
-    """Zero running sums: `(len(layer_rows),)` delta norms, `(len(trained_layers),)`
+    """Zero running sums: `(len(model.top_rows),)` delta norms, `(len(trained_layers),)`
     gradient norms."""
-    return (jnp.zeros((len(layer_rows(model)),), dtype),
+    return (jnp.zeros((len(model.top_rows),), dtype),
             jnp.zeros((len(trained_layers(model)),), dtype))
 
 
@@ -94,7 +89,7 @@ def step_norms(model: Model, grads: Sequence, squares: Sequence, batch: int
 def epoch_norms(model: Model, delta_sums, grad_sums, steps: int) -> dict:
     """metrics.jsonl's `delta_norms` and `grad_norms` ({path: mean over the measured
     steps}) from their sums (host or device arrays) over `steps` measured steps."""
-    rows = layer_rows(model)
+    rows = model.top_rows
     delta_sums, grad_sums = np.asarray(delta_sums), np.asarray(grad_sums)
     return {DELTA_NORMS: {row.path: float(v) / steps for row, v in zip(rows, delta_sums)},
             GRAD_NORMS: {rows[i].path: float(v) / steps
@@ -103,4 +98,4 @@ def epoch_norms(model: Model, delta_sums, grad_sums, steps: int) -> dict:
 
 def layer_names(model: Model) -> dict:
     """{path: type} of the items of `model.layers`, for the curves' labels."""
-    return {row.path: row.type for row in layer_rows(model)}
+    return {row.path: row.type for row in model.top_rows}

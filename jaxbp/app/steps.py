@@ -51,7 +51,8 @@ class Totals(NamedTuple):
     loss: jax.Array    # sum over batches of the batch-mean loss (train) or of the loss sum (eval)
     score: jax.Array   # sum over examples of the model's score (`Model.score`)
     # Training with norms only (`TrainSteps`), else (): sums over the measuring steps of each
-    # layer's delta norm, `(len(layer_rows),)`, and gradient norm, `(len(trained_layers),)`.
+    # layer's delta norm, `(len(model.top_rows),)`, and gradient norm,
+    # `(len(norms.trained_layers(model)),)`.
     delta_norms: Any = ()
     grad_norms: Any = ()
 

@@ -56,11 +56,6 @@ class Explained:
     model_state: list
 
 
-def top_rows(model: Model):
-    """The summary row of each top-level layer, in order."""
-    return [row for row in model.summary if row.depth == 0]
-
-
 def elementwise_slopes(model: Model, params, arrays: Arrays, rng, tolerance: float
                        ) -> Dict[int, np.ndarray]:
     """f′ at the recorded input of each top-level layer that acts elementwise: no
@@ -68,7 +63,7 @@ def elementwise_slopes(model: Model, params, arrays: Arrays, rng, tolerance: flo
     the arriving one times the rule's delta for a cotangent of ones (which is f′ exactly
     when the Jacobian is diagonal)."""
     slopes = {}
-    for j, (layer, p, row) in enumerate(zip(model.layers, params, top_rows(model))):
+    for j, (layer, p, row) in enumerate(zip(model.layers, params, model.top_rows)):
         if p or layer.parts or row.input_shape != row.output_shape:
             continue
         x = jnp.asarray(arrays[f"{j}/input"])[None]

@@ -19,7 +19,7 @@ from jaxbp import nn, registry
 from jaxbp.app.explain.examples import Equation, Grid, Step, Term, source
 from jaxbp.app.explain.html import STYLE, format_number, render_step
 from jaxbp.app.explain.maps import colour_bar, heatmap
-from jaxbp.app.explain.network import NPZ_FILE, Explained, top_rows
+from jaxbp.app.explain.network import NPZ_FILE, Explained
 from jaxbp.app.explain.worked import Layer, largest, spot, worked_steps
 from jaxbp.app.model import RESIDUAL
 from jaxbp.testing import TOLERANCE
@@ -112,7 +112,7 @@ def _forward(explained: Explained) -> str:
              f"output is the next one's input. Each row has its own colour scale.</p>",
              _maps([(hand["0/input"], f"test example {explained.index}, label "
                                       f"{_label_text(explained)}")])]
-    for i, row in enumerate(top_rows(explained.model)):
+    for i, row in enumerate(explained.model.top_rows):
         parts.append(f"<h4>Layer {i} · {escape(row.layer)}: {_shape(row.input_shape)} → "
                      f"{_shape(row.output_shape)}</h4>")
         parts.append(_maps([(hand[f"{i}/output"], f"output of layer {i}")]))
@@ -181,7 +181,7 @@ def _loss(explained: Explained) -> str:
 
 def _sizes(explained: Explained) -> str:
     """How large δ is where it leaves each layer: a bar per layer on a log scale."""
-    hand, rows = explained.hand, top_rows(explained.model)
+    hand, rows = explained.hand, explained.model.top_rows
     last = len(rows) - 1
     entries = [(f"from the loss to layer {last}", _scale(hand[f"{last}/delta_output"]))]
     entries += [(f"layer {i} ({row.type}) sends down", _scale(hand[f"{i}/delta_input"]))
@@ -276,7 +276,7 @@ def _legend(explained: Explained) -> str:
 
 def render_network_page(explained: Explained, name: str) -> str:
     """The whole page for the recording of config `name`."""
-    cfg, rows = explained.cfg, top_rows(explained.model)
+    cfg, rows = explained.cfg, explained.model.top_rows
     title = f"Backpropagation through {name}"
     subtitle = (f"Test example {explained.index} of {cfg.data.name} ({explained.examples} in "
                 f"the split), label {_label_text(explained)}; parameters {explained.origin}; "
