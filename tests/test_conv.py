@@ -358,6 +358,46 @@ def test_forced_band_input_delta_matches_reference(x_shape, w_shape, kwargs):
                                      seed=6)
 
 
+# The banded kernel gradient forced on every rank, with strides, dilations and pads (its
+# width mask takes them; the leading axes are strided slices), several input channels and
+# unreached high rows; the first two are seed002's and lenet5_classic's first layers.
+KERNEL_BAND_CASES = [
+    ((2, 28, 28, 1), (5, 5, 1, 3), {}),
+    ((2, 28, 28, 1), (5, 5, 1, 6), dict(padding="SAME")),
+    ((2, 9, 3), (3, 3, 4), dict(stride=2, padding=((2, 1),), dilation=2)),
+    ((3, 8, 2), (3, 2, 5), {}),
+    ((1, 7, 6, 2), (2, 3, 2, 3), dict(stride=(2, 1), padding=((0, 3), (1, 1)), dilation=(1, 2))),
+    ((1, 7, 8, 3), (3, 2, 3, 4), dict(stride=(1, 3), padding=((1, 1), (2, 0)), dilation=(2, 2))),
+    ((1, 4, 5, 3, 1), (2, 1, 2, 1, 2), dict(stride=(1, 2, 2), padding="SAME")),
+    ((2, 4, 5, 6, 2), (2, 2, 3, 2, 3), dict(stride=(2, 1, 2), padding="SAME", dilation=(1, 2, 1))),
+    ((1, 6, 6, 5), (3, 3, 5, 12), dict(padding="SAME")),
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs", KERNEL_BAND_CASES,
+                         ids=[_shapes_id((*c, {})) for c in KERNEL_BAND_CASES])
+def test_forced_band_kernel_grad_matches_reference(x_shape, w_shape, kwargs):
+    """dw[k] = sum_{n, o} x_pad[o * s + k * d]^T dy[o] (DERIVATIONS.md §2.4; seed 004, the
+    filter gradient worked by hand) as every input row against every delta row, the pairs
+    at a kernel tap's width offset kept."""
+    _assert_forced_matches_reference({"conv.kernel_grad": "band"}, x_shape, w_shape, kwargs,
+                                     seed=7)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,kernel_grad", [
+    ((1, 28, 28, 1), (5, 5, 1, 8), {}, "band"),
+    ((1, 28, 28, 3), (3, 3, 3, 3), dict(padding="SAME"), "band"),   # width 30 = 10 * 3
+    ((1, 28, 28, 1), (5, 5, 1, 9), {}, "plain"),                    # 9 outputs
+    ((1, 28, 28, 4), (5, 5, 4, 3), {}, "plain"),                    # 4 inputs
+    ((1, 31, 31, 1), (3, 3, 1, 3), {}, "plain"),                    # width 31 > 10 * 3
+    ((1, 28, 28, 1), (5, 5, 1, 3), dict(stride=2, dilation=2), "band"),
+    ((1, 28, 28, 2), (5, 5, 1, 4), dict(groups=2), "plain"),
+])
+def test_band_kernel_grad_is_chosen_for_thin_inputs_and_outputs(x_shape, w_shape, kwargs,
+                                                                 kernel_grad):
+    assert _chosen("conv.kernel_grad", x_shape, w_shape, **kwargs) == kernel_grad
+
+
 @pytest.mark.parametrize("x_shape,w_shape,groups,forward", [
     ((1, 6, 6, 3), (3, 3, 3, 4), 1, "taps"),
     ((1, 6, 6, 4), (3, 3, 4, 4), 1, "plain"),
@@ -403,9 +443,9 @@ def test_band_input_delta_is_chosen_by_its_cost(x_shape, w_shape, kwargs, input_
 
 @pytest.mark.parametrize("x_shape,w_shape,kwargs,plan", [
     ((128, 28, 28, 1), (5, 5, 1, 3), {},                      # seed002's conv 3@5x5
-     dict(forward="taps", input_delta="band", kernel_grad="plain", bias_grad="rows")),
+     dict(forward="taps", input_delta="band", kernel_grad="band", bias_grad="rows")),
     ((128, 28, 28, 1), (5, 5, 1, 6), dict(padding="SAME"),    # lenet5_classic, layer 1
-     dict(forward="taps", input_delta="band", kernel_grad="plain", bias_grad="rows")),
+     dict(forward="taps", input_delta="band", kernel_grad="band", bias_grad="rows")),
     ((128, 14, 14, 6), (5, 5, 6, 16), {},                     # lenet5_classic, layer 2
      dict(forward="plain", input_delta="band", kernel_grad="plain", bias_grad="rows")),
     ((128, 28, 28, 1), (3, 3, 1, 32), dict(padding="SAME"),   # lenet5 and wide, layer 1

@@ -13,6 +13,9 @@ Each computes the same equation as the plain formulation it replaces
   taps        conv.kernel_grad  dw[k] = sum_{n, o} x_pad[n, o * s + k * d]^T dy[n, o]
                                 (DERIVATIONS.md §2.4; seed 004, the filter gradient worked
                                 by hand) as one matmul over the stacked tap windows
+  band        conv.kernel_grad  the same sum as one matmul of every padded input row with
+                                every delta row it meets, keeping the pairs whose width
+                                offset is a kernel tap
   rows        conv.bias_grad    db = sum_{n, o} dy[n, o] (DERIVATIONS.md §2.5), summing
                                 several positions side by side first
 
@@ -38,6 +41,8 @@ from jaxbp.reference.conv import ConvGeometry, effective_window, plus_bias
 _TAPS_MAX_CHANNELS = 3          # taps, tap_matmul: "Convolution: per-tap forward"
 _TAPS_KERNEL_GRAD_MIN_OUT = 16  # kernel_grad taps: "Convolution: per-tap kernel gradient"
 _BAND_MAX_COST = 16             # band: "Convolution: banded input delta"
+_BAND_KERNEL_GRAD_MAX_OUT = 8   # kernel_grad band: "Convolution: banded kernel gradient"
+_BAND_KERNEL_GRAD_MAX_WASTE = 10
 _BIAS_ROW_WIDTH = 64            # rows: "Convolution: bias gradient by rows"
 
 
@@ -169,7 +174,7 @@ def input_delta_by_band(dy, w, *, x_shape: Sequence[int], geometry: ConvGeometry
         part = lax.pad(per_tap[..., index, :], jnp.zeros((), dy.dtype),
                        [(0, 0, 0), *shift, (0, 0, 0)])
         total = part if total is None else total + part
-    return total.reshape(x_shape)
+    return stored(total.reshape(x_shape))
 
 
 def _unit_steps(x_shape, w_shape, geometry: ConvGeometry) -> bool:
@@ -207,6 +212,57 @@ def kernel_grad_by_taps(x, dy, *, w_shape: Sequence[int], geometry: ConvGeometry
     positions = tuple(range(rank + 1))
     contract = (tuple(p + 1 for p in positions), positions)
     return lax.dot_general(windows, dy, (contract, ((), ()))).reshape(w_shape)
+
+
+def _leading_rows_transposed(x, kernel: Sequence[int], out_sizes: Sequence[int],
+                             geometry: ConvGeometry):
+    """The padded input as `(leading taps * padded width * in, batch * leading out positions)`:
+    row (l, u, c), column (n, o) holds x_pad[n, o * s + l * d, u, c] along the leading axes
+    (every axis but the width), the whole padded width kept."""
+    rank = x.ndim - 2
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype),
+                    [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.pads), (0, 0, 0)])
+    # (width, in, batch, *leading): a leading-axis slice is then a block of whole columns
+    moved = jnp.moveaxis(x_pad, (rank, rank + 1), (0, 1))
+    rows = []
+    for tap in itertools.product(*(range(k) for k in kernel[:-1])):
+        start = [t * d for t, d in zip(tap, geometry.dilation)]
+        limit = [a + (o - 1) * s + 1 for a, o, s in zip(start, out_sizes, geometry.strides)]
+        rows.append(lax.slice(moved, (0, 0, 0, *start), (*moved.shape[:3], *limit),
+                              (1, 1, 1, *geometry.strides[:-1])))
+    stacked = jnp.stack(rows)
+    return stacked.reshape(-1, x.shape[0] * math.prod(out_sizes))
+
+
+def kernel_grad_by_band(x, dy, *, w_shape: Sequence[int], geometry: ConvGeometry):
+    """dL/dw `(*kernel, in, out)` as one matmul: every padded input row against every delta
+    row that meets it along the leading axes, summed over the batch and the leading
+    positions, G[(l, u, c), (j, co)] = sum_{n, o} x_pad[n, o * s + l * d, u, c] dy[n, o, j, co];
+    then dw[l, q, c, co] = sum_j G[(l, j * s + q * d, c), (j, co)], the pairs whose width
+    offset is a kernel tap (DERIVATIONS.md §2.4; seed 004, the filter gradient worked by
+    hand). It multiplies every pair, not only the kernel's width taps, but at matmul speed,
+    reading dy as it lies, where XLA's correlation is slow for a thin input and first
+    transposes dy."""
+    rank = x.ndim - 2
+    *kernel, inputs, outputs = w_shape
+    rows = _leading_rows_transposed(x, kernel, dy.shape[1:-2], geometry)
+    pairs = rows @ dy.reshape(rows.shape[1], dy.shape[-2] * outputs)
+    padded_width = rows.shape[0] // (math.prod(kernel[:-1]) * inputs)
+    pairs = pairs.reshape(-1, padded_width, inputs, dy.shape[-2], outputs)
+    taps, u, j = np.ogrid[:kernel[-1], :padded_width, :dy.shape[-2]]
+    tap_of_pair = jnp.asarray(u == j * geometry.strides[-1] + taps * geometry.dilation[-1],
+                              x.dtype)
+    return jnp.einsum("lucjo,quj->lqco", pairs, tap_of_pair).reshape(w_shape)
+
+
+def _kernel_band_selected(x_shape, w_shape, geometry: ConvGeometry) -> bool:
+    """1-3 input channels, at most 8 outputs, and a padded width at most 10 times the kernel's
+    (the band multiplies that many pairs per useful one)."""
+    *kernel, inputs, outputs = w_shape
+    lo, hi = geometry.pads[-1]
+    padded_width = x_shape[-2] + lo + hi
+    return (x_shape[-1] <= _TAPS_MAX_CHANNELS and outputs <= _BAND_KERNEL_GRAD_MAX_OUT
+            and padded_width <= _BAND_KERNEL_GRAD_MAX_WASTE * kernel[-1])
 
 
 def _kernel_taps_selected(x_shape, w_shape, geometry: ConvGeometry) -> bool:
@@ -258,6 +314,8 @@ FORMULATIONS = (
                 "stride 1, dilation 1 and groups 1", _band_selected),
     Formulation("conv.kernel_grad", "taps", kernel_grad_by_taps, _groups_one, "groups 1",
                 _kernel_taps_selected),
+    Formulation("conv.kernel_grad", "band", kernel_grad_by_band, _groups_one, "groups 1",
+                _kernel_band_selected),
     Formulation("conv.bias_grad", "rows", bias_grad_by_rows, _always, "nothing",
                 _rows_selected),
 )

@@ -116,22 +116,33 @@ def _first_maximum(a, b):
     return jnp.where(b_wins, value_b, value_a), jnp.where(b_wins, position_b, position_a)
 
 
-def _max_and_winner(x, geometry: PoolGeometry):
-    """Window maxima and the row-major position of the first maximum in each window.
-
-    One variadic reduction over the stacked window elements: XLA keeps its winner as a
-    stored array, where a chain of elementwise selects was recomputed inside the backward
-    for every input position (experiments/results/README.md, "Fusion: recomputed
-    producers")."""
-    candidates = jnp.stack(list(_window_elements(x, geometry, -jnp.inf)), axis=-1)
+@jax.custom_jvp
+def _first_maxima(candidates):
+    """The maximum over the last axis and the position of its first maximum, by one
+    variadic reduction: XLA stores both, where a chain of elementwise selects was recomputed
+    inside the backward for every input position, and a separate maximum read the windows
+    twice (experiments/results/README.md, "Fusion: recomputed producers")."""
     window_axis = candidates.ndim - 1
-    positions = lax.broadcasted_iota(_index_dtype(geometry.window_size), candidates.shape,
+    positions = lax.broadcasted_iota(_index_dtype(candidates.shape[-1]), candidates.shape,
                                      window_axis)
-    lowest = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, positions.dtype))
-    # JAX cannot differentiate a variadic reduction; the maximum alone is one it can.
-    _, winner = lax.reduce((lax.stop_gradient(candidates), positions), lowest, _first_maximum,
-                           (window_axis,))
-    return jnp.max(candidates, axis=window_axis), winner
+    lowest = (jnp.array(-jnp.inf, candidates.dtype), jnp.array(0, positions.dtype))
+    return lax.reduce((candidates, positions), lowest, _first_maximum, (window_axis,))
+
+
+@_first_maxima.defjvp
+def _first_maxima_jvp(primals, tangents):
+    """d max = the tangent of the winning candidate (JAX cannot differentiate a variadic
+    reduction; the forward rule is differentiated for second derivatives)."""
+    (candidates,), (d_candidates,) = primals, tangents
+    maximum, winner = _first_maxima(candidates)
+    d_maximum = jnp.take_along_axis(d_candidates, winner[..., None].astype(jnp.int32),
+                                    axis=-1)[..., 0]
+    return (maximum, winner), (d_maximum, np.zeros(winner.shape, jax.dtypes.float0))
+
+
+def _max_and_winner(x, geometry: PoolGeometry):
+    """Window maxima and the row-major position of the first maximum in each window."""
+    return _first_maxima(jnp.stack(list(_window_elements(x, geometry, -jnp.inf)), axis=-1))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
