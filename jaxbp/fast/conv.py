@@ -145,12 +145,16 @@ def _width_band(w, dy_width: int, in_width: int, low: int):
     """The kernel as one banded matrix per tap of the leading kernel axes, `(leading taps,
     dy_width * out, in_width * in)`: entry [l, (j, co), (u, c)] = w[l, q, c, co] where
     u + low = j + q for a width tap q, else 0. A row of dy times it is that row's share of
-    the input delta along the whole width at once, every width tap included."""
+    the input delta along the whole width at once, every width tap included. Built as
+    shifted slices of the zero-padded kernel, row block j starting at tap low - j."""
     *kernel, inputs, outputs = w.shape
-    taps, dy_at, x_at = np.ogrid[:kernel[-1], :dy_width, :in_width]
-    shifts = jnp.asarray(x_at + low == dy_at + taps, w.dtype)
     leading = w.reshape(-1, kernel[-1], inputs, outputs)
-    band = jnp.einsum("qju,lqco->ljouc", shifts, leading)
+    before = max(0, dy_width - 1 - low)
+    after = max(0, low + in_width - kernel[-1])
+    padded = jnp.pad(leading, ((0, 0), (before, after), (0, 0), (0, 0)))
+    starts = [before + low - j for j in range(dy_width)]
+    band = jnp.stack([padded[:, a:a + in_width] for a in starts], axis=1)
+    band = jnp.transpose(band, (0, 1, 4, 2, 3))  # (leading, j, out, u, in)
     return band.reshape(leading.shape[0], dy_width * outputs, in_width * inputs)
 
 
