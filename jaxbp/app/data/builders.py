@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -91,7 +92,10 @@ def open_builder(name: str, folder: str) -> JaxbpIdx:
 
 
 def prepare_builder(builder: JaxbpIdx, source_dir: str) -> None:
-    """Write the ArrayRecord files unless they exist; never downloads."""
+    """Write the ArrayRecord files unless they exist; never downloads. TFDS's progress bars
+    show on a terminal only, as training's do: elsewhere (a log, a pipe) they would bury the
+    one line an error after the preparation prints."""
+    tfds.display_progress_bar(sys.stderr.isatty())
     config = tfds.download.DownloadConfig(manual_dir=source_dir)
     builder.download_and_prepare(download_config=config, file_format="array_record")
 
