@@ -178,6 +178,8 @@ def input_delta_by_band(dy, w, *, x_shape: Sequence[int], geometry: ConvGeometry
         part = lax.pad(per_tap[..., index, :], jnp.zeros((), dy.dtype),
                        [(0, 0, 0), *shift, (0, 0, 0)])
         total = part if total is None else total + part
+    # stored: XLA would recompute the shifted sum in every consumer, four times over in the
+    # spread of a 2x2 max pool below (experiments/results/README.md, "banded kernel gradient")
     return stored(total.reshape(x_shape))
 
 
@@ -247,7 +249,6 @@ def kernel_grad_by_band(x, dy, *, w_shape: Sequence[int], geometry: ConvGeometry
     hand). It multiplies every pair, not only the kernel's width taps, but at matmul speed,
     reading dy as it lies, where XLA's correlation is slow for a thin input and first
     transposes dy."""
-    rank = x.ndim - 2
     *kernel, inputs, outputs = w_shape
     rows = _leading_rows_transposed(x, kernel, dy.shape[1:-2], geometry)
     pairs = rows @ dy.reshape(rows.shape[1], dy.shape[-2] * outputs)
