@@ -26,7 +26,8 @@ candidate's median step time is reported:
             step there). The child also times `hand` under defaults (JAXBP_TUNING=0 also
             turns off the per-shape formulations), to show what the settings give it.
   library   the hand step as a library user writes it (`jaxbp.nn` layers, `jax.value_and_grad`,
-            SGD as a tree_map, one `jax.jit`), timed after the main rounds in a child process
+            SGD as a tree_map, one `jax.jit` donating parameters and state: README's
+            "Networks, training mode and state"), timed after the main rounds in a child process
             that imports only jaxbp (whose import applies the runtime defaults), not the CLI's
             `jaxbp.app`; `--no-library` skips it.
   torch     PyTorch eager (optional extra `bench`), the same layers in NCHW, on the CPU with
@@ -49,6 +50,7 @@ measurements, never pass/fail tests.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -446,7 +448,9 @@ def run_defaults_child(args) -> Optional[dict]:
 class LibraryCandidate:
     """The hand step as a library user writes it, in a process that imports only jaxbp: the
     config's layers from `jaxbp.nn.layer`, the loss's hand rule, `jax.value_and_grad`, SGD
-    as a tree_map, one `jax.jit` (the README's way, not the CLI's `jaxbp.app` step)."""
+    as a tree_map, one `jax.jit` donating the parameters and state, updated in place as
+    PyTorch's optimizer and the CLI's step update theirs (the README's way, not the CLI's
+    `jaxbp.app` step)."""
 
     def __init__(self, spec: dict):
         import jax
@@ -471,7 +475,7 @@ class LibraryCandidate:
                 y = jax.nn.one_hot(y, classes, dtype=out.dtype)
             return loss_rule.hand(out, y), state
 
-        @jax.jit
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
         def step(params, state, x, y, key):
             (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params, state, x, y,
                                                                             key)
@@ -617,7 +621,8 @@ def markdown(report: dict) -> str:
                if any("defaults" in case for case in report["cases"]) else []),
              *(["`library` ran afterwards in a child process that imports only jaxbp: the "
                 "config's layers from `jaxbp.nn`, `jax.value_and_grad`, SGD as a tree_map, "
-                "one `jax.jit` (the README's way), not interleaved with the others."]
+                "one `jax.jit` donating parameters and state (the README's way), not "
+                "interleaved with the others."]
                if any("library" in case for case in report["cases"]) else []),
              "", *rows, "",
              f"Load before: {json.dumps(report['load_before'])}",
