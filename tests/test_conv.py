@@ -358,6 +358,39 @@ def test_forced_band_input_delta_matches_reference(x_shape, w_shape, kwargs):
                                      seed=6)
 
 
+# The padded forward (input channels zero-padded to a multiple of 8) forced on every rank, with
+# strides, dilations, pads, and channels already a multiple of 8 (nothing to pad).
+PADDED_CASES = [
+    ((2, 14, 14, 6), (5, 5, 6, 16), {}),
+    ((2, 9, 5), (3, 5, 4), dict(stride=2, padding=((2, 1),), dilation=2)),
+    ((1, 7, 6, 7), (2, 3, 7, 3), dict(stride=(2, 1), padding=((0, 3), (1, 1)), dilation=(1, 2))),
+    ((1, 4, 5, 3, 4), (2, 1, 2, 4, 2), dict(stride=(1, 2, 2), padding="SAME")),
+    ((1, 6, 6, 8), (3, 3, 8, 4), dict(padding="SAME")),
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs", PADDED_CASES,
+                         ids=[_shapes_id((*c, {})) for c in PADDED_CASES])
+def test_forced_padded_forward_matches_reference(x_shape, w_shape, kwargs):
+    """y = sum_{k, c} x_pad[o * s + k * d, c] w[k, c] + b (DERIVATIONS.md §2.1) with zero
+    channels added to x and zero rows to w: the added terms are 0, the rule unchanged."""
+    _assert_forced_matches_reference({"conv.forward": "padded"}, x_shape, w_shape, kwargs,
+                                     seed=8)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,forward", [
+    ((1, 14, 14, 6), (5, 5, 6, 16), {}, "padded"),     # classic LeNet-5's second layer
+    ((1, 14, 14, 4), (3, 3, 4, 32), {}, "padded"),
+    ((1, 14, 14, 7), (3, 3, 7, 16), dict(stride=2), "padded"),
+    ((1, 12, 12, 6), (5, 5, 6, 12), {}, "plain"),      # seed000's second layer: 12 outputs
+    ((1, 14, 14, 8), (3, 3, 8, 16), {}, "plain"),      # already a multiple of 8
+    ((1, 14, 14, 6), (3, 3, 3, 16), dict(groups=2), "plain"),
+])
+def test_padded_forward_is_chosen_for_4_to_7_inputs_and_16_outputs(x_shape, w_shape, kwargs,
+                                                                   forward):
+    assert _chosen("conv.forward", x_shape, w_shape, **kwargs) == forward
+
+
 # The banded kernel gradient forced on every rank, with strides, dilations and pads (its
 # width mask takes them; the leading axes are strided slices), several input channels and
 # unreached high rows; the first two are seed002's and lenet5_classic's first layers.
@@ -447,7 +480,7 @@ def test_band_input_delta_is_chosen_by_its_cost(x_shape, w_shape, kwargs, input_
     ((128, 28, 28, 1), (5, 5, 1, 6), dict(padding="SAME"),    # lenet5_classic, layer 1
      dict(forward="taps", input_delta="band", kernel_grad="band", bias_grad="rows")),
     ((128, 14, 14, 6), (5, 5, 6, 16), {},                     # lenet5_classic, layer 2
-     dict(forward="plain", input_delta="band", kernel_grad="plain", bias_grad="rows")),
+     dict(forward="padded", input_delta="band", kernel_grad="plain", bias_grad="rows")),
     ((128, 28, 28, 1), (3, 3, 1, 32), dict(padding="SAME"),   # lenet5 and wide, layer 1
      dict(forward="tap_matmul", input_delta="band", kernel_grad="taps", bias_grad="rows")),
     ((128, 14, 14, 32), (3, 3, 32, 64), dict(padding="SAME"),  # lenet5, layer 2

@@ -38,7 +38,7 @@ def _lowered(fn, args, platform=None):
 
 
 def test_every_slot_names_plain_first():
-    assert fast.names("conv.forward") == ("plain", "taps", "tap_matmul")
+    assert fast.names("conv.forward") == ("plain", "taps", "tap_matmul", "padded")
     assert fast.names("conv.input_delta") == ("plain", "band")
     assert fast.names("conv.kernel_grad") == ("plain", "taps", "band")
     assert fast.names("conv.bias_grad") == ("plain", "rows")
@@ -79,7 +79,7 @@ def test_use_nests_and_restores():
             assert fast.chosen("conv.input_delta", *shapes, geometry) == "band"
             assert fast.chosen("conv.forward", *shapes, geometry) == "taps"
         assert fast.chosen("conv.input_delta", *shapes, geometry) == "plain"
-    assert fast.chosen("conv.forward", *shapes, geometry) == "plain"
+    assert fast.chosen("conv.forward", *shapes, geometry) == "padded"
 
 
 def test_use_reaches_a_function_jitted_before_it():
