@@ -54,11 +54,16 @@ _BIAS_ROW_WIDTH = 64            # rows: "Convolution: bias gradient by rows"
 
 # ---------------------------------------------------------------- tap windows
 
+def _padded(x, geometry: ConvGeometry):
+    """x `(batch, *spatial, in)` with the geometry's zero padding on every spatial axis."""
+    return lax.pad(x, jnp.zeros((), x.dtype),
+                   [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.pads), (0, 0, 0)])
+
+
 def _tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry):
     """For each kernel tap k in row-major order, `x_pad[:, o * s + k * d, :]` at every output
     position o: a `(batch, *out, in)` strided slice of the padded input."""
-    x_pad = lax.pad(x, jnp.zeros((), x.dtype),
-                    [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.pads), (0, 0, 0)])
+    x_pad = _padded(x, geometry)
     out_sizes = [(n - effective_window(k, d)) // s + 1 for n, k, d, s in
                  zip(x_pad.shape[1:-1], kernel, geometry.dilation, geometry.strides)]
     for tap in itertools.product(*(range(k) for k in kernel)):
@@ -249,8 +254,7 @@ def _leading_rows_transposed(x, kernel: Sequence[int], out_sizes: Sequence[int],
     row (l, u, c), column (n, o) holds x_pad[n, o * s + l * d, u, c] along the leading axes
     (every axis but the width), the whole padded width kept."""
     rank = x.ndim - 2
-    x_pad = lax.pad(x, jnp.zeros((), x.dtype),
-                    [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.pads), (0, 0, 0)])
+    x_pad = _padded(x, geometry)
     # (width, in, batch, *leading): a leading-axis slice is then a block of whole columns
     moved = jnp.moveaxis(x_pad, (rank, rank + 1), (0, 1))
     rows = []
