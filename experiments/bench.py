@@ -28,8 +28,10 @@ candidate's median step time is reported:
   library   the hand step as a library user writes it (`jaxbp.nn` layers, `jax.value_and_grad`,
             SGD as a tree_map, one `jax.jit` donating parameters and state: README's
             "Networks, training mode and state"), timed after the main rounds in a child process
-            that imports only jaxbp (whose import applies the runtime defaults), not the CLI's
-            `jaxbp.app`; `--no-library` skips it.
+            whose step is built and compiled from jaxbp alone (its import applies the runtime
+            defaults), not the CLI's `jaxbp.app`; `--no-library` skips it. That child then
+            builds a PyTorch twin and times the two interleaved, so library/PyTorch is a
+            side-by-side ratio like the others, not one across processes.
   torch     PyTorch eager (optional extra `bench`), the same layers in NCHW, on the CPU with
             OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads starve everything else
             on a shared 2-core machine), or on CUDA when JAX's backend is a GPU and torch sees
@@ -379,9 +381,10 @@ def setup_jax_case(name: str, batch: int):
     return cfg, model, images, labels
 
 
-def library_spec(cfg, model, batch: int) -> dict:
-    """What `LibraryCandidate` needs of a case, as JSON for the library child."""
-    return {"layers": [item.to_dict() for item in cfg.model.layers],
+def library_spec(name: str, cfg, model, batch: int) -> dict:
+    """What `LibraryCandidate` (and the PyTorch twin beside it) needs of a case, as JSON for
+    the library child."""
+    return {"config": name, "layers": [item.to_dict() for item in cfg.model.layers],
             "input_shape": list(model.input_shape), "loss": cfg.loss,
             "classes": model.num_classes, "batch": batch,
             "learning_rate": cfg.optimizer.learning_rate}
@@ -412,7 +415,7 @@ def measure_case(name: str, batch: int, args, torch, include_torch: bool) -> dic
     times = time_rounds(candidates, args.rounds, args.warmup)
     result = {"model": name, "batch": batch, "flops_per_step": step_flops(model) * batch,
               "compile_s": round(compile_s, 1), "notes": notes, "candidates": {},
-              "library_spec": library_spec(cfg, model, batch)}
+              "library_spec": library_spec(name, cfg, model, batch)}
     for cand_name, ts in times.items():
         entry = summary(ts)
         if hasattr(candidates[cand_name], "residuals"):
@@ -489,7 +492,7 @@ class LibraryCandidate:
         self.params = net.init(jax.random.PRNGKey(0), shape, jnp.float32)[1]
         self.state = net.init_state(shape, jnp.float32)
         self.key = jax.random.PRNGKey(1)
-        self.step = step
+        self.step = step.lower(self.params, self.state, self.x, self.y, self.key).compile()
 
     def run(self) -> float:
         import jax
@@ -501,16 +504,29 @@ class LibraryCandidate:
 
 
 def library_child_main(args) -> int:
-    """Times `LibraryCandidate` for each case of the spec file; asserts jaxbp.app stayed out."""
+    """Times `LibraryCandidate` for each case of the spec file, interleaved with a PyTorch twin
+    built after every library step is compiled (building the twin reads the config through
+    `jaxbp.app`, which must not have been imported until then)."""
     with open(args.library_child) as f:
         specs = json.load(f)
-    results = []
-    for spec in specs:
-        times = time_rounds({"library": LibraryCandidate(spec)}, args.rounds, args.warmup)
-        results.append(summary(times["library"]))
+    library = [LibraryCandidate(spec) for spec in specs]
     app = sorted(m for m in sys.modules if m.startswith("jaxbp.app"))
     if app:
         raise AssertionError(f"the library path imported the app: {', '.join(app)}")
+    torch = None if args.no_torch else import_torch()[0]
+    from jaxbp.torch_twins import Unsupported
+    results = []
+    for spec, candidate in zip(specs, library):
+        candidates = {"library": candidate}
+        if torch is not None:
+            cfg, model, _, _ = setup_jax_case(spec["config"], spec["batch"])
+            try:
+                candidates["torch"] = TorchCandidate(torch, cfg, model, spec["batch"],
+                                                     torch_device(torch))
+            except Unsupported:  # the main process notes it
+                pass
+        times = time_rounds(candidates, args.rounds, args.warmup)
+        results.append({name: summary(ts) for name, ts in times.items()})
     with open(args.library_child, "w") as f:
         json.dump(results, f)
     return 0
@@ -524,7 +540,8 @@ def run_library_child(args, specs: List[dict]) -> Optional[List[dict]]:
         with open(path, "w") as f:
             json.dump(specs, f)
         command = [sys.executable, os.path.abspath(__file__), "--library-child", path,
-                   "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+                   "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+                   *(["--no-torch"] if args.no_torch else [])]
         env = dict(os.environ)
         if USER_XLA_FLAGS is None:
             env.pop("XLA_FLAGS", None)
@@ -549,10 +566,12 @@ def derived(case: dict, ceiling_gflops: float) -> dict:
     defaults = case.get("defaults", {})
     hand = med["hand"]
     library = case.get("library", {}).get("median_ms")
+    beside = case.get("library_torch")
     gflops = case["flops_per_step"] / (hand * 1e-3) / 1e9
     return {
         "library_over_hand": ratio(library, hand),
-        "library_over_torch": ratio(library, med.get("torch")),
+        "library_over_torch": ratio(library, beside and beside["median_ms"]),
+        "library_over_torch_rounds": beside and round_ratio_range(case["library"], beside),
         "hand_over_autodiff": ratio(hand, med["autodiff"]),
         "hand_over_autodiff_rounds": round_ratio_range(c["hand"], c["autodiff"]),
         "hand_over_torch_rounds": round_ratio_range(c["hand"], c.get("torch")),
@@ -582,6 +601,20 @@ def _megabytes(n: Optional[int]) -> Optional[float]:
     return None if n is None else n / 2**20
 
 
+def library_note(cases: List[dict]) -> str:
+    """How the library column was measured, with the PyTorch step timed beside it."""
+    beside = [f"{case['model']} {case['batch']} {case['library_torch']['median_ms']:.1f}"
+              for case in cases if "library_torch" in case]
+    how = ("`library` ran afterwards in a child process whose step was built and compiled from "
+           "jaxbp alone: the config's layers from `jaxbp.nn`, `jax.value_and_grad`, SGD as a "
+           "tree_map, one `jax.jit` donating parameters and state (the README's way).")
+    if not beside:
+        return how + " No PyTorch ran beside it: library/PyTorch is blank."
+    return (how + " That child then built a PyTorch twin and timed the two in interleaved "
+            "rounds; library/PyTorch is their ratio, with its range over the rounds (PyTorch's "
+            f"ms there: {', '.join(beside)}).")
+
+
 def markdown(report: dict) -> str:
     rows = ["| model | batch | hand ms | library ms | autodiff ms | tuned ms | PyTorch ms "
             "| defaults: autodiff / hand ms | hand/autodiff | hand/tuned | hand/PyTorch "
@@ -603,7 +636,7 @@ def markdown(report: dict) -> str:
             f"| {_with_range(d['hand_over_autodiff'], d['hand_over_autodiff_rounds'])} "
             f"| {_fmt(d['hand_over_tuned'], '.2f')} "
             f"| {_with_range(d['hand_over_torch'], d['hand_over_torch_rounds'])} "
-            f"| {_fmt(d['library_over_torch'], '.2f')} "
+            f"| {_with_range(d['library_over_torch'], d['library_over_torch_rounds'])} "
             f"| {d['hand_images_per_s']:,.0f} | {d['hand_gflops']:.1f} "
             f"| {100 * d['hand_share_of_matmul']:.0f}% | {' / '.join(mb)} |")
     env = report["environment"]
@@ -619,10 +652,7 @@ def markdown(report: dict) -> str:
              *(["`defaults` ran afterwards in a child process with JAXBP_TUNING=0 (JAX's "
                 "defaults), not interleaved with the others."]
                if any("defaults" in case for case in report["cases"]) else []),
-             *(["`library` ran afterwards in a child process that imports only jaxbp: the "
-                "config's layers from `jaxbp.nn`, `jax.value_and_grad`, SGD as a tree_map, "
-                "one `jax.jit` donating parameters and state (the README's way), not "
-                "interleaved with the others."]
+             *([library_note(report["cases"])]
                if any("library" in case for case in report["cases"]) else []),
              "", *rows, "",
              f"Load before: {json.dumps(report['load_before'])}",
@@ -641,6 +671,8 @@ def print_case(case: dict) -> None:
         parts.append(f"defaults-{k} {v['median_ms']:.1f} ms")
     if "library" in case:
         parts.append(f"library {case['library']['median_ms']:.1f} ms")
+    if "library_torch" in case:
+        parts.append(f"PyTorch beside it {case['library_torch']['median_ms']:.1f} ms")
     print(f"{case['model']:>8} {case['batch']:>5}: " + ", ".join(parts), flush=True)
 
 
@@ -833,7 +865,9 @@ def main(argv=None) -> int:
         if library is None:
             notes.append("library child process failed")
         for case, entry in zip(cases, library or []):
-            case["library"] = entry
+            case["library"] = entry["library"]
+            if "torch" in entry:
+                case["library_torch"] = entry["torch"]
             print_case(case)
     if args.no_defaults:
         notes.append("defaults child skipped (--no-defaults)")

@@ -54,8 +54,27 @@ def test_tiny_run_writes_ratios(tmp_path):
     assert derived["hand_over_torch_rounds"] is None
     assert case["candidates"]["hand"]["residual_bytes"] > 0
     assert case["library"]["median_ms"] > 0 and derived["library_over_hand"] > 0
-    assert "library_spec" not in case
-    assert "| seed002 | 8 |" in (tmp_path / "bench.md").read_text()
+    assert "library_spec" not in case and "library_torch" not in case
+    assert derived["library_over_torch"] is None
+    text = (tmp_path / "bench.md").read_text()
+    assert "| seed002 | 8 |" in text and "No PyTorch ran beside it" in text
+
+
+def test_library_ratio_is_taken_beside_pytorch_in_its_own_process(tmp_path):
+    """library/PyTorch divides by the PyTorch step timed in the library's child process, in
+    the same interleaved rounds, not by the main process's."""
+    pytest.importorskip("torch")
+    assert bench.main(["--models", "seed002", "--batches", "8", "--rounds", "2",
+                       "--warmup", "1", "--no-defaults", "--out", str(tmp_path)]) == 0
+    (case,) = json.loads((tmp_path / "bench.json").read_text())["cases"]
+    library, beside = case["library"], case["library_torch"]
+    assert len(beside["round_medians_ms"]) == len(library["round_medians_ms"]) == 2
+    derived = case["derived"]
+    assert derived["library_over_torch"] == pytest.approx(
+        library["median_ms"] / beside["median_ms"])
+    assert derived["library_over_torch_rounds"] == pytest.approx(
+        bench.round_ratio_range(library, beside))
+    assert f"seed002 8 {beside['median_ms']:.1f}" in (tmp_path / "bench.md").read_text()
 
 
 def test_round_ratio_range_pairs_rounds():
