@@ -860,7 +860,8 @@ def main(argv=None) -> int:
     if args.no_library:
         notes.append("library child skipped (--no-library)")
     else:
-        print("library (child process importing only jaxbp) ...", flush=True)
+        print("library, then PyTorch beside it (child process; the step from jaxbp alone) ...",
+              flush=True)
         library = run_library_child(args, specs)
         if library is None:
             notes.append("library child process failed")
