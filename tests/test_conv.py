@@ -291,26 +291,26 @@ def _assert_forced_matches_reference(choices, x_shape, w_shape, kwargs, seed=5, 
 # configs/seed002.yaml, wide.yaml and lenet5_classic.yaml at batch 2 (what they select there),
 # strided/dilated/padded 1-D to 3-D cases, and 4 input channels, where nothing selects them
 # but they still compute the rule.  (x shape, w shape, kwargs, forced formulations)
-TAPS, MATMUL = "taps", "tap_matmul"
+TAPS = "taps"
 TAPS_CASES = [
     ((2, 28, 28, 1), (5, 5, 1, 3), {}, dict(forward=TAPS, bias_grad="rows")),
-    ((2, 28, 28, 1), (3, 3, 1, 32), dict(padding="SAME"), dict(forward=MATMUL, kernel_grad=TAPS)),
+    ((2, 28, 28, 1), (3, 3, 1, 32), dict(padding="SAME"), dict(forward=TAPS, kernel_grad=TAPS)),
     ((2, 28, 28, 1), (5, 5, 1, 6), dict(padding="SAME"), dict(forward=TAPS)),
     ((2, 9, 3), (3, 3, 4), dict(stride=2, padding=((2, 1),), dilation=2),
      dict(forward=TAPS, kernel_grad=TAPS)),
     ((2, 9, 3), (3, 3, 16), dict(stride=3, padding=((0, 2),), dilation=2),
-     dict(forward=MATMUL, kernel_grad=TAPS, bias_grad="rows")),
+     dict(forward=TAPS, kernel_grad=TAPS, bias_grad="rows")),
     ((1, 7, 6, 2), (2, 3, 2, 3), dict(stride=(2, 1), padding=((0, 3), (1, 1)), dilation=(1, 2)),
-     dict(forward=MATMUL, kernel_grad=TAPS)),
+     dict(forward=TAPS, kernel_grad=TAPS)),
     ((1, 7, 6, 2), (2, 3, 2, 17), dict(stride=(2, 3), padding=((3, 0), (1, 1)), dilation=(2, 1)),
      dict(forward=TAPS, kernel_grad=TAPS)),
     ((1, 4, 5, 3, 1), (2, 1, 2, 1, 2), dict(stride=(1, 2, 2), padding="SAME"),
-     dict(forward=MATMUL, kernel_grad=TAPS)),
+     dict(forward=TAPS, kernel_grad=TAPS)),
     ((2, 4, 5, 3, 3), (2, 2, 2, 3, 16), dict(stride=(2, 1, 1), padding="SAME", dilation=2),
      dict(forward=TAPS, kernel_grad=TAPS)),
     ((1, 6, 6, 4), (3, 3, 4, 4), dict(padding="SAME"),
      dict(forward=TAPS, kernel_grad=TAPS, bias_grad="rows")),
-    ((1, 6, 6, 4), (3, 3, 4, 4), dict(stride=2), dict(forward=MATMUL, bias_grad="plain")),
+    ((1, 6, 6, 4), (3, 3, 4, 4), dict(stride=2), dict(forward=TAPS, bias_grad="plain")),
 ]
 
 
@@ -320,7 +320,7 @@ def _shapes_id(case):
 
 
 def test_every_tap_formulation_is_forced_on_every_rank():
-    for slot, name in (("forward", TAPS), ("forward", MATMUL), ("kernel_grad", TAPS)):
+    for slot, name in (("forward", TAPS), ("kernel_grad", TAPS)):
         assert {len(x) - 2 for x, _, _, forced in TAPS_CASES if forced.get(slot) == name} == {
             1, 2, 3}, (slot, name)
 
@@ -440,17 +440,17 @@ def test_forward_formulation_is_chosen_by_input_channels(x_shape, w_shape, group
     assert _chosen("conv.forward", x_shape, w_shape, groups=groups) == forward
 
 
-@pytest.mark.parametrize("w_shape,forward", [
-    ((3, 3, 2, 17), "taps"),        # 17 outputs < 18 taps * inputs
-    ((3, 3, 2, 18), "tap_matmul"),
-    ((5, 5, 1, 6), "taps"),         # lenet5_classic's first layer
-    ((3, 3, 1, 32), "tap_matmul"),  # wide's and lenet5's
-    ((3, 1, 2), "taps"),            # 1-D, 2 outputs < 3 taps
-    ((2, 1, 2, 1, 4), "tap_matmul"),  # 3-D, 4 taps
+@pytest.mark.parametrize("w_shape", [
+    (3, 3, 2, 17),
+    (5, 5, 1, 6),      # lenet5_classic's first layer
+    (3, 3, 1, 32),     # wide's, lenet5's and resnet's
+    (3, 1, 2),         # 1-D
+    (5, 1, 25),        # 1-D, mnist1d_cnn's first layer
+    (2, 1, 2, 1, 4),   # 3-D
 ])
-def test_thin_forward_is_chosen_by_outputs_against_taps(w_shape, forward):
+def test_thin_forward_is_taps_whatever_the_outputs(w_shape):
     x_shape = (1, *([6] * (len(w_shape) - 2)), w_shape[-2])
-    assert _chosen("conv.forward", x_shape, w_shape) == forward
+    assert _chosen("conv.forward", x_shape, w_shape) == "taps"
 
 
 @pytest.mark.parametrize("in_ch,out_ch,kernel_grad", [(2, 16, "taps"), (2, 15, "plain"),
@@ -482,7 +482,7 @@ def test_band_input_delta_is_chosen_by_its_cost(x_shape, w_shape, kwargs, input_
     ((128, 14, 14, 6), (5, 5, 6, 16), {},                     # lenet5_classic, layer 2
      dict(forward="padded", input_delta="band", kernel_grad="plain", bias_grad="rows")),
     ((128, 28, 28, 1), (3, 3, 1, 32), dict(padding="SAME"),   # lenet5 and wide, layer 1
-     dict(forward="tap_matmul", input_delta="band", kernel_grad="taps", bias_grad="rows")),
+     dict(forward="taps", input_delta="band", kernel_grad="taps", bias_grad="rows")),
     ((128, 14, 14, 32), (3, 3, 32, 64), dict(padding="SAME"),  # lenet5, layer 2
      dict(forward="plain", input_delta="plain", kernel_grad="plain", bias_grad="plain")),
 ])

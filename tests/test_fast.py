@@ -38,7 +38,7 @@ def _lowered(fn, args, platform=None):
 
 
 def test_every_slot_names_plain_first():
-    assert fast.names("conv.forward") == ("plain", "taps", "tap_matmul", "padded")
+    assert fast.names("conv.forward") == ("plain", "taps", "padded")
     assert fast.names("conv.input_delta") == ("plain", "band")
     assert fast.names("conv.kernel_grad") == ("plain", "taps", "band")
     assert fast.names("conv.bias_grad") == ("plain", "rows")
@@ -97,7 +97,7 @@ def test_the_choice_is_a_static_argument_of_the_rule():
         return str(eqn)
 
     chosen = custom_vjp_params(_forward, FIRST)
-    with fast.use({"conv.forward": "tap_matmul"}):
+    with fast.use({"conv.forward": "plain"}):
         forced = custom_vjp_params(_forward, FIRST)
     assert chosen != forced
 

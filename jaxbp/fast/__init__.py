@@ -7,7 +7,7 @@ gradient that has alternatives is a *slot*; the rule file holds its plain formul
 package the others, each with a *name*:
 
   slot               plain formulation (rule file)                 alternatives (here)
-  conv.forward       XLA's convolution                             taps, tap_matmul, padded
+  conv.forward       XLA's convolution                             taps, padded
   conv.input_delta   XLA's full correlation with the rotated kernel band
   conv.kernel_grad   XLA's correlation of x with the delta         taps, band
   conv.bias_grad     the delta summed over batch and positions     rows

@@ -7,7 +7,6 @@ Each computes the same equation as the plain formulation it replaces
 
   taps        conv.forward      y[n, o] = sum_k x_pad[n, o * s + k * d] @ w[k] + b, one small
                                 product per kernel tap k, summed, then stored (`stored`)
-  tap_matmul  conv.forward      the same sum as one matmul over the stacked tap windows
   padded      conv.forward      XLA's convolution with the input channels zero-padded to a
                                 multiple of 8 (the added terms are 0)
   band        conv.input_delta  the full correlation of dy with the rotated kernel
@@ -41,7 +40,7 @@ from jaxbp.reference.conv import ConvGeometry, conv_forward, effective_window, p
 
 # The thresholds; the measurements behind each: experiments/results/README.md, the section
 # named beside it.
-_TAPS_MAX_CHANNELS = 3          # taps, tap_matmul: "Convolution: per-tap forward"
+_TAPS_MAX_CHANNELS = 3          # taps: "Convolution: per-tap forward"
 _PADDED_INPUTS = range(4, 8)    # padded: "Convolution: padded input channels"
 _PADDED_MIN_OUT = 16
 _PADDED_MULTIPLE = 8
@@ -73,9 +72,9 @@ def _tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry):
                              (1, *geometry.strides, 1))
 
 
-def _stacked_tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry, axis: int):
-    """The `_tap_windows` stacked on a new `axis`, taps in row-major order."""
-    return jnp.stack([window for _, window in _tap_windows(x, kernel, geometry)], axis=axis)
+def _stacked_tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry):
+    """The `_tap_windows` stacked on a new leading axis, taps in row-major order."""
+    return jnp.stack([window for _, window in _tap_windows(x, kernel, geometry)])
 
 
 # ---------------------------------------------------------------- conv.forward
@@ -126,28 +125,9 @@ def forward_by_taps(x, w, b, *, geometry: ConvGeometry):
     return stored(plus_bias(total, b))
 
 
-def forward_by_tap_matmul(x, w, b, *, geometry: ConvGeometry):
-    """y `(batch, *out, out_ch)` as one matmul: the tap windows stacked next to the input
-    channels, `(batch, *out, taps, in)`, contracted with w reshaped to `(taps, in, out)`.
-    A product's result is stored anyway; with at least as many outputs as taps * in, the
-    stack is no larger than y."""
-    rank = x.ndim - 2
-    windows = _stacked_tap_windows(x, w.shape[:rank], geometry, axis=-2)
-    kernel = w.reshape(-1, *w.shape[-2:])
-    contract = ((rank + 1, rank + 2), (0, 1))
-    return plus_bias(lax.dot_general(windows, kernel, (contract, ((), ()))), b)
-
-
 def _taps_selected(x_shape, w_shape, geometry: ConvGeometry) -> bool:
-    """1-3 input channels and fewer outputs than taps * inputs (tap_matmul's stack of
-    windows would then be larger than y)."""
-    *kernel, inputs, outputs = w_shape
-    return x_shape[-1] <= _TAPS_MAX_CHANNELS and outputs < math.prod(kernel) * inputs
-
-
-def _tap_matmul_selected(x_shape, w_shape, geometry: ConvGeometry) -> bool:
-    """1-3 input channels and at least as many outputs as taps * inputs."""
-    return x_shape[-1] <= _TAPS_MAX_CHANNELS and not _taps_selected(x_shape, w_shape, geometry)
+    """1-3 input channels."""
+    return x_shape[-1] <= _TAPS_MAX_CHANNELS
 
 
 def forward_padded(x, w, b, *, geometry: ConvGeometry):
@@ -242,7 +222,7 @@ def kernel_grad_by_taps(x, dy, *, w_shape: Sequence[int], geometry: ConvGeometry
     plain (taps, batch * positions) x (batch * positions, out) matmul, where XLA's
     correlation first transposes dy."""
     rank = x.ndim - 2
-    windows = _stacked_tap_windows(x, w_shape[:rank], geometry, axis=0)
+    windows = _stacked_tap_windows(x, w_shape[:rank], geometry)
     positions = tuple(range(rank + 1))
     contract = (tuple(p + 1 for p in positions), positions)
     return lax.dot_general(windows, dy, (contract, ((), ()))).reshape(w_shape)
@@ -340,8 +320,6 @@ def _always(*shapes) -> bool:
 FORMULATIONS = (
     Formulation("conv.forward", "taps", forward_by_taps, _groups_one, "groups 1",
                 _taps_selected),
-    Formulation("conv.forward", "tap_matmul", forward_by_tap_matmul, _groups_one, "groups 1",
-                _tap_matmul_selected),
     Formulation("conv.forward", "padded", forward_padded, _groups_one, "groups 1",
                 _padded_selected),
     Formulation("conv.input_delta", "band", input_delta_by_band, _unit_steps,
