@@ -9,7 +9,7 @@ package the others, each with a *name*:
   slot               plain formulation (rule file)                 alternatives (here)
   conv.forward       XLA's convolution                             taps, padded
   conv.input_delta   XLA's full correlation with the rotated kernel band
-  conv.kernel_grad   XLA's correlation of x with the delta         taps, band
+  conv.kernel_grad   XLA's correlation of x with the delta         band
   conv.bias_grad     the delta summed over batch and positions     rows
   pool.spread        a sum of shifted window deltas (any windows)  tiled
 

@@ -12,12 +12,11 @@ Each computes the same equation as the plain formulation it replaces
   band        conv.input_delta  the full correlation of dy with the rotated kernel
                                 (DERIVATIONS.md §2.2; seed 003, the rotated-kernel post) as
                                 one matmul per dy row with a banded matrix
-  taps        conv.kernel_grad  dw[k] = sum_{n, o} x_pad[n, o * s + k * d]^T dy[n, o]
+  band        conv.kernel_grad  dw[k] = sum_{n, o} x_pad[n, o * s + k * d]^T dy[n, o]
                                 (DERIVATIONS.md §2.4; seed 004, the filter gradient worked
-                                by hand) as one matmul over the stacked tap windows
-  band        conv.kernel_grad  the same sum as one matmul of every padded input row with
-                                every delta row it meets, keeping the pairs whose width
-                                offset is a kernel tap
+                                by hand) as one matmul of every padded input row with every
+                                delta row it meets, keeping the pairs whose width offset is a
+                                kernel tap
   rows        conv.bias_grad    db = sum_{n, o} dy[n, o] (DERIVATIONS.md §2.5), summing
                                 several positions side by side first
 
@@ -44,7 +43,6 @@ _TAPS_MAX_CHANNELS = 3          # taps: "Convolution: per-tap forward"
 _PADDED_INPUTS = range(4, 8)    # padded: "Convolution: padded input channels"
 _PADDED_MIN_OUT = 16
 _PADDED_MULTIPLE = 8
-_TAPS_KERNEL_GRAD_MIN_OUT = 16  # kernel_grad taps: "Convolution: per-tap kernel gradient"
 _BAND_MAX_COST = 16             # band: "Convolution: banded input delta"
 _BAND_KERNEL_GRAD_MAX_OUT = 8   # kernel_grad band: "Convolution: banded kernel gradient"
 _BAND_KERNEL_GRAD_MAX_WASTE = 10
@@ -70,11 +68,6 @@ def _tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry):
         limit = [a + (o - 1) * s + 1 for a, o, s in zip(start, out_sizes, geometry.strides)]
         yield tap, lax.slice(x_pad, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]),
                              (1, *geometry.strides, 1))
-
-
-def _stacked_tap_windows(x, kernel: Sequence[int], geometry: ConvGeometry):
-    """The `_tap_windows` stacked on a new leading axis, taps in row-major order."""
-    return jnp.stack([window for _, window in _tap_windows(x, kernel, geometry)])
 
 
 # ---------------------------------------------------------------- conv.forward
@@ -215,19 +208,6 @@ def _band_selected(x_shape, w_shape, geometry: ConvGeometry) -> bool:
 
 # ---------------------------------------------------------------- conv.kernel_grad
 
-def kernel_grad_by_taps(x, dy, *, w_shape: Sequence[int], geometry: ConvGeometry):
-    """dL/dw `(*kernel, in, out)` as dw[k] = sum_{n, o} x_pad[n, o * s + k * d, :]^T dy[n, o, :]:
-    the tap windows stacked on a leading axis, contracted with dy in one product (each kernel
-    entry the sum of the inputs it met times their deltas). For 1-3 input channels that is a
-    plain (taps, batch * positions) x (batch * positions, out) matmul, where XLA's
-    correlation first transposes dy."""
-    rank = x.ndim - 2
-    windows = _stacked_tap_windows(x, w_shape[:rank], geometry)
-    positions = tuple(range(rank + 1))
-    contract = (tuple(p + 1 for p in positions), positions)
-    return lax.dot_general(windows, dy, (contract, ((), ()))).reshape(w_shape)
-
-
 def _leading_rows_transposed(x, kernel: Sequence[int], out_sizes: Sequence[int],
                              geometry: ConvGeometry):
     """The padded input as `(leading taps * padded width * in, batch * leading out positions)`:
@@ -277,11 +257,6 @@ def _kernel_band_selected(x_shape, w_shape, geometry: ConvGeometry) -> bool:
             and padded_width <= _BAND_KERNEL_GRAD_MAX_WASTE * kernel[-1])
 
 
-def _kernel_taps_selected(x_shape, w_shape, geometry: ConvGeometry) -> bool:
-    """1-3 input channels and at least 16 outputs."""
-    return x_shape[-1] <= _TAPS_MAX_CHANNELS and w_shape[-1] >= _TAPS_KERNEL_GRAD_MIN_OUT
-
-
 # ---------------------------------------------------------------- conv.bias_grad
 
 def _side_by_side(positions: int, channels: int) -> int:
@@ -324,8 +299,6 @@ FORMULATIONS = (
                 _padded_selected),
     Formulation("conv.input_delta", "band", input_delta_by_band, _unit_steps,
                 "stride 1, dilation 1 and groups 1", _band_selected),
-    Formulation("conv.kernel_grad", "taps", kernel_grad_by_taps, _groups_one, "groups 1",
-                _kernel_taps_selected),
     Formulation("conv.kernel_grad", "band", kernel_grad_by_band, _groups_one, "groups 1",
                 _kernel_band_selected),
     Formulation("conv.bias_grad", "rows", bias_grad_by_rows, _always, "nothing",
