@@ -10,6 +10,8 @@ Backward, with g = δ ⊙ scale: μ and σ depend on every value they average, s
 has three terms, not one:
     dx = (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂)) / σ      (means over the statistics' axes)
     dscale = Σ δ ⊙ x̂,  doffset = Σ δ             (sums over every axis but the last)
+For batch norm the statistics' axes are the sums' axes, so the means are the parameter
+gradients scaled: dx = scale / σ ⊙ (δ - doffset / m - x̂ ⊙ dscale / m), m values per channel.
 An all-ones δ makes g constant along those axes, so the second term cancels the first and the
 third vanishes (Σ x̂ = 0): dx = 0, and a rule that lost the third term looks right. That is
 why `jaxbp.testing.check_rule` draws non-uniform cotangents.
@@ -38,12 +40,21 @@ def _normalize_fwd(x, scale, offset, eps, axes):
 def _normalize_bwd(eps, axes, residuals, dy):
     del eps
     x_hat, inverse_std, scale = residuals
-    g = dy * per_feature(scale, dy)
-    mean_g = jnp.mean(g, axis=axes, keepdims=True)
-    mean_g_x_hat = jnp.mean(g * x_hat, axis=axes, keepdims=True)
-    dx = (g - mean_g - x_hat * mean_g_x_hat) * inverse_std
     parameter_axes = batch_axes(dy)
-    return dx, jnp.sum(dy * x_hat, axis=parameter_axes), jnp.sum(dy, axis=parameter_axes)
+    dscale, doffset = jnp.sum(dy * x_hat, axis=parameter_axes), jnp.sum(dy, axis=parameter_axes)
+    if axes == parameter_axes:
+        # Batch norm: scale is constant over the averaged values, so mean(g) = scale Σδ / m and
+        # mean(g x̂) = scale Σδx̂ / m, the parameter gradients' own sums; XLA does not find
+        # that itself (experiments/results/README.md, "Batch norm's backward from two sums").
+        m = dy.size // dy.shape[-1]
+        dx = ((dy - per_feature(doffset / m, dy) - x_hat * per_feature(dscale / m, dy))
+              * inverse_std * per_feature(scale, dy))
+    else:
+        g = dy * per_feature(scale, dy)
+        mean_g = jnp.mean(g, axis=axes, keepdims=True)
+        mean_g_x_hat = jnp.mean(g * x_hat, axis=axes, keepdims=True)
+        dx = (g - mean_g - x_hat * mean_g_x_hat) * inverse_std
+    return dx, dscale, doffset
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
@@ -72,8 +83,8 @@ def batch_norm(x, scale, offset, *, eps: float = 1e-5):
     with the batch's own statistics (biased variance), as PyTorch's training mode.
 
     Backward: dx = (g - mean(g) - x̂ mean(g x̂)) / σ with g = δ scale, the means over every
-    axis but the last (m = batch × positions values per channel); dscale = Σ δ x̂,
-    doffset = Σ δ. Saves x̂, 1/σ (one per channel) and scale. The running statistics for
+    axis but the last (m = batch × positions values per channel), computed as
+    scale / σ (δ - doffset / m - x̂ dscale / m); dscale = Σ δ x̂, doffset = Σ δ. Saves x̂, 1/σ (one per channel) and scale. The running statistics for
     evaluation are `jaxbp.reference.batch_norm_update` and `batch_norm_inference`.
 
     Args and result as `layer_norm`'s, but x is `(batch, *spatial, C)` or `(batch, C)`.
