@@ -101,6 +101,20 @@ def test_time_to_accuracy_on_tiny_data(tmp_path):
     assert "| jaxbp |" in (tmp_path / "time_to_accuracy.md").read_text()
 
 
+def test_seconds_per_later_epoch_leave_the_first_out():
+    """The first epoch also compiles: the per-epoch figure is the mean of the later ones."""
+    spec = importlib.util.spec_from_file_location(
+        "jaxbp_time_to_accuracy", os.path.join(os.path.dirname(_PATH), "time_to_accuracy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    history = [{"elapsed_s": 20.0}, {"elapsed_s": 34.0}, {"elapsed_s": 50.0}]
+    assert module.later_epoch_s(history) == pytest.approx(15.0)
+    assert module.later_epoch_s(history[:1]) is None
+    rows = module.markdown({"jaxbp": {"time_to_target_s": 50.0, "epochs": 3,
+                                      "final_accuracy": 0.92, "history": history}}, 0.91)
+    assert rows[-1] == "| jaxbp | 50.0 | 3 | 92.00% | - | 15.0 |"
+
+
 def test_torch_twins_of_a_strided_same_conv_and_a_residual_block():
     """Where PyTorch has no uneven padding, the conv twin pads explicitly; same numbers."""
     torch = pytest.importorskip("torch")
