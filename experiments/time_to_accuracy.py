@@ -3,8 +3,9 @@ recipe (`experiments/bench.py --time-to-accuracy`).
 
 Each system trains the config's network (lenet5 by default) with the config's optimizer and
 cosine schedule, on the same batches in the same order (`jaxbp.app.data.epoch_batches` of the
-config's seed), kernels drawn from LeCun's truncated normal and biases zero, and is evaluated
-on the whole test split after every epoch. The clock starts before the parameters are drawn
+config's seed), from the same initial weights (jaxbp's draw for the config's seed, copied into
+Flax's and PyTorch's layouts: with 91% reached between the 4th and 5th epoch, separate draws
+decided the epoch count), and is evaluated on the whole test split after every epoch. The clock starts before the parameters are drawn
 (so compiling counts, as it does for a user) and stops after the first evaluation at or above
 the target. The systems run one after the other in this process.
 
@@ -68,9 +69,42 @@ def run_jaxbp(exp, target: float) -> dict:
     return _epochs_to_target(train_epoch, evaluate, cfg.train.epochs, target, start)
 
 
-def _lecun_normal_stddev(fan_in: int) -> float:
-    """jax's lecun_normal: a normal truncated at 2 stddev, rescaled to variance 1/fan_in."""
-    return math.sqrt(1.0 / fan_in) / 0.87962566103423978
+def initial_weights(exp) -> List[Optional[dict]]:
+    """jaxbp's initial parameters for the config's seed as numpy, one entry per top-level layer
+    (None for a layer without parameters), the conv and dense layers' only."""
+    import jax.numpy as jnp
+    import optax
+    from jaxbp.app.experiment import initial_state
+    params = initial_state(exp.model, optax.identity(), exp.cfg.train.seed, jnp.float32).params
+    if len(params) != len(exp.cfg.model.layers):
+        raise NotImplementedError("time to accuracy copies the weights of top-level layers only")
+    weights = []
+    for item, layer in zip(exp.cfg.model.layers, params):
+        if layer and item.type not in ("conv", "dense"):
+            raise NotImplementedError(f"time to accuracy copies no {item.type} parameters")
+        weights.append({k: np.array(v) for k, v in layer.items()} if layer else None)
+    return weights
+
+
+def torch_layout(weights: List[Optional[dict]], types: List[str],
+                 input_shapes: List[tuple]) -> List[Optional[dict]]:
+    """`initial_weights` for PyTorch's modules: conv (kh, kw, in, out) -> (out, in, kh, kw),
+    dense (in, out) -> (out, in), and a dense right after a flatten takes its inputs in PyTorch's
+    (C, H, W) order instead of our (H, W, C)."""
+    out = []
+    for index, layer in enumerate(weights):
+        if layer is None:
+            out.append(None)
+            continue
+        w = layer["w"]
+        if w.ndim > 2:
+            w = np.transpose(w, (w.ndim - 1, w.ndim - 2, *range(w.ndim - 2)))
+        else:
+            if index and types[index - 1] == "flatten":
+                w = np.moveaxis(w.reshape(*input_shapes[index - 1], -1), -2, 0).reshape(w.shape)
+            w = w.T
+        out.append({"w": np.ascontiguousarray(w), "b": layer.get("b")})
+    return out
 
 
 def run_flax(exp, target: float) -> dict:
@@ -105,8 +139,17 @@ def run_flax(exp, target: float) -> dict:
     start = time.perf_counter()
     net, steps = Net(), steps_per_epoch(exp)
     optimizer = make_optimizer(cfg.optimizer, steps, cfg.train.epochs)
-    params = net.init(jax.random.PRNGKey(cfg.train.seed),
-                      jnp.zeros((1, *exp.train.images.shape[1:]), jnp.float32))
+    drawn = net.init(jax.random.PRNGKey(cfg.train.seed),
+                     jnp.zeros((1, *exp.train.images.shape[1:]), jnp.float32))
+    counts, params = {"conv": 0, "dense": 0}, {}
+    for item, layer in zip(cfg.model.layers, initial_weights(exp)):
+        if layer is not None:
+            name = f"{'Conv' if item.type == 'conv' else 'Dense'}_{counts[item.type]}"
+            counts[item.type] += 1
+            params[name] = {"kernel": jnp.asarray(layer["w"]), "bias": jnp.asarray(layer["b"])}
+    params = {"params": params}
+    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(drawn):
+        raise NotImplementedError("the Flax twin's parameters do not match the config's")
     state = {"params": params, "opt": optimizer.init(params)}
 
     def loss_fn(p, x, y):
@@ -134,18 +177,28 @@ def run_flax(exp, target: float) -> dict:
     return _epochs_to_target(train_epoch, evaluate, cfg.train.epochs, target, start)
 
 
+def torch_from_initial_weights(torch, torch_net: Callable, exp):
+    """The config's PyTorch twin and loss (`torch_net`), its conv and dense layers holding
+    `initial_weights` in PyTorch's layout."""
+    cfg = exp.cfg
+    net, loss_fn = torch_net(torch, exp.model, cfg.model.layers, cfg.loss, exp.model.num_classes)
+    rows = [row for row in exp.model.summary if "." not in row.path]
+    weights = torch_layout(initial_weights(exp), [item.type for item in cfg.model.layers],
+                           [row.input_shape for row in rows])
+    with torch.no_grad():
+        for block, layer in zip(net, weights):
+            if layer is not None:
+                (module,) = [m for m in block.modules() if hasattr(m, "weight")]
+                module.weight.copy_(torch.from_numpy(layer["w"]))
+                module.bias.copy_(torch.from_numpy(layer["b"]))
+    return net, loss_fn
+
+
 def run_torch(exp, target: float, torch, torch_net: Callable) -> dict:
     from jaxbp.app import data
     cfg = exp.cfg
     start = time.perf_counter()
-    torch.manual_seed(cfg.train.seed)  # its draws differ from JAX's, but a rerun repeats them
-    net, loss_fn = torch_net(torch, exp.model, cfg.model.layers, cfg.loss, exp.model.num_classes)
-    for module in net.modules():  # the config's initialisers: lecun_normal kernels, zero biases
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            fan_in = module.weight[0].numel()
-            std = _lecun_normal_stddev(fan_in)
-            torch.nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
-            torch.nn.init.zeros_(module.bias)
+    net, loss_fn = torch_from_initial_weights(torch, torch_net, exp)
     opt_cfg, steps = cfg.optimizer, data.num_batches(len(exp.train.labels),
                                                       cfg.data.batch_size, True)
     total = steps * cfg.train.epochs

@@ -101,18 +101,40 @@ def test_time_to_accuracy_on_tiny_data(tmp_path):
     assert "| jaxbp |" in (tmp_path / "time_to_accuracy.md").read_text()
 
 
-def test_seconds_per_later_epoch_leave_the_first_out():
-    """The first epoch also compiles: the per-epoch figure is the mean of the later ones."""
+def _time_to_accuracy():
     spec = importlib.util.spec_from_file_location(
         "jaxbp_time_to_accuracy", os.path.join(os.path.dirname(_PATH), "time_to_accuracy.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_seconds_per_later_epoch_leave_the_first_out():
+    """The first epoch also compiles: the per-epoch figure is the mean of the later ones."""
+    module = _time_to_accuracy()
     history = [{"elapsed_s": 20.0}, {"elapsed_s": 34.0}, {"elapsed_s": 50.0}]
     assert module.later_epoch_s(history) == pytest.approx(15.0)
     assert module.later_epoch_s(history[:1]) is None
     rows = module.markdown({"jaxbp": {"time_to_target_s": 50.0, "epochs": 3,
                                       "final_accuracy": 0.92, "history": history}}, 0.91)
     assert rows[-1] == "| jaxbp | 50.0 | 3 | 92.00% | - | 15.0 |"
+
+
+def test_pytorch_starts_from_jaxbps_initial_weights():
+    """Time to accuracy copies jaxbp's first draw into PyTorch's layouts (conv OIHW, dense
+    transposed, the dense after flatten reading (C, H, W)): the same logits at step 0."""
+    import types
+    torch = pytest.importorskip("torch")
+    module = _time_to_accuracy()
+    cfg, model, images, _ = bench.setup_jax_case("lenet5", 2)
+    exp = types.SimpleNamespace(cfg=cfg, model=model)
+    params = [{k: jnp.asarray(v) for k, v in w.items()} if w else {}
+              for w in module.initial_weights(exp)]
+    want = model.apply(params, images)
+    net, _ = module.torch_from_initial_weights(torch, bench.torch_net, exp)
+    with torch.no_grad():
+        got = net(torch.from_numpy(np.moveaxis(np.asarray(images), -1, 1).copy())).numpy()
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_torch_twins_of_a_strided_same_conv_and_a_residual_block():
