@@ -4,10 +4,11 @@ recipe (`experiments/bench.py --time-to-accuracy`).
 Each system trains the config's network (lenet5 by default) with the config's optimizer and
 cosine schedule, on the same batches in the same order (`jaxbp.app.data.epoch_batches` of the
 config's seed), from the same initial weights (jaxbp's draw for the config's seed, copied into
-Flax's and PyTorch's layouts: with 91% reached between the 4th and 5th epoch, separate draws
-decided the epoch count), and is evaluated on the whole test split after every epoch. The clock starts before the parameters are drawn
-(so compiling counts, as it does for a user) and stops after the first evaluation at or above
-the target. The systems run one after the other in this process.
+Flax's and PyTorch's layouts: with 91% reached between the 3rd and 5th epoch, separate draws
+decided the epoch count), and is evaluated on the whole test split after every epoch. The
+clock starts before the parameters are drawn (so compiling counts, as it does for a user) and
+stops after the first evaluation at or above the target. The systems run one after the other
+in this process.
 
   jaxbp  the CLI's compiled train and eval steps (`jaxbp.app.steps`), hand-derived rules.
   flax   the same network as a Flax linen module, `jax.value_and_grad`, optax, `jax.jit`:

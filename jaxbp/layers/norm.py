@@ -84,8 +84,9 @@ def batch_norm(x, scale, offset, *, eps: float = 1e-5):
 
     Backward: dx = (g - mean(g) - x̂ mean(g x̂)) / σ with g = δ scale, the means over every
     axis but the last (m = batch × positions values per channel), computed as
-    scale / σ (δ - doffset / m - x̂ dscale / m); dscale = Σ δ x̂, doffset = Σ δ. Saves x̂, 1/σ (one per channel) and scale. The running statistics for
-    evaluation are `jaxbp.reference.batch_norm_update` and `batch_norm_inference`.
+    scale / σ (δ - doffset / m - x̂ dscale / m); dscale = Σ δ x̂, doffset = Σ δ. Saves x̂,
+    1/σ (one per channel) and scale. The running statistics for evaluation are
+    `jaxbp.reference.batch_norm_update` and `batch_norm_inference`.
 
     Args and result as `layer_norm`'s, but x is `(batch, *spatial, C)` or `(batch, C)`.
     """
