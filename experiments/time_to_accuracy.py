@@ -140,8 +140,8 @@ def run_flax(exp, target: float) -> dict:
     start = time.perf_counter()
     net, steps = Net(), steps_per_epoch(exp)
     optimizer = make_optimizer(cfg.optimizer, steps, cfg.train.epochs)
-    drawn = net.init(jax.random.PRNGKey(cfg.train.seed),
-                     jnp.zeros((1, *exp.train.images.shape[1:]), jnp.float32))
+    drawn = jax.eval_shape(net.init, jax.random.PRNGKey(cfg.train.seed),
+                           jnp.zeros((1, *exp.train.images.shape[1:]), jnp.float32))
     counts, params = {"conv": 0, "dense": 0}, {}
     for item, layer in zip(cfg.model.layers, initial_weights(exp)):
         if layer is not None:
